@@ -1,0 +1,133 @@
+"""The Gemma text decoder (Gemma 1, 2 and 3), all of it in this file.
+
+Matches transformers' `modeling_gemma.py`, `modeling_gemma2.py` and `modeling_gemma3.py` (checked by
+the parity tests): embeddings scaled by sqrt(hidden) in the activation dtype, RMSNorm (1 + w),
+GeGLU MLP with tanh GeLU, RoPE (rotate-half) with separate local/global bases, QK-norm (Gemma 3),
+the 4-norm "sandwich" (Gemma 2/3), sliding-window layers, attention and final logit soft-capping,
+tied embeddings. Branches on `GemmaConfig` switches, never on a version.
+
+The model sees flat tensors only: `input_ids [T]`, `positions [T]` and a `StepContext` holding the
+per-step `AttentionMetadata` and the KV cache tensors. It knows nothing of requests or scheduling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gemlora.model.attention import AttentionMetadata, paged_attention
+from gemlora.model.config import GemmaConfig
+from gemlora.model.layers import Linear, RMSNorm, Rotary, apply_rotary, gelu_tanh
+
+
+@dataclass(slots=True)
+class StepContext:
+    attn: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (K, V)
+    cos_sin: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None = None  # by "sliding", filled by the model
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.sliding = cfg.layer_sliding[layer_idx]
+        self.qkv_proj = Linear(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size))
+        self.o_proj = Linear(cfg.q_size, (cfg.hidden_size,))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        cfg = self.cfg
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = ctx.cos_sin[self.sliding]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, scale=cfg.attn_scale,
+                              sliding=self.sliding, softcap=cfg.attn_logit_softcap)
+        return self.o_proj(out)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
+        self.down_proj = Linear(cfg.intermediate_size, (cfg.hidden_size,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(gelu_tanh(gate) * up)
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.sandwich = cfg.sandwich_norms
+        self.self_attn = GemmaAttention(cfg, layer_idx)
+        self.mlp = GemmaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.sandwich:  # Gemma 2/3: norm before and after each block
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), ctx)  # Gemma 1: post_attention norm feeds the MLP
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaForCausalLM(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, (cfg.vocab_size,))
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens
+        self._rotary: dict[bool, Rotary] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    def rotary(self, sliding: bool) -> Rotary:
+        if sliding not in self._rotary:  # built lazily, after the weights found their device
+            spec = self.cfg.rope_local if sliding else self.cfg.rope_global
+            self._rotary[sliding] = Rotary(self.cfg.head_dim, spec, self.device)
+        return self._rotary[sliding]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Returns the final-normed hidden states, [T, hidden]."""
+        ctx.cos_sin = {s: self.rotary(s).cos_sin(positions, self.dtype) for s in set(self.cfg.layer_sliding)}
+        # transformers scales in the activation dtype: sqrt(3072) = 55.4256 becomes 55.5 in bf16.
+        normalizer = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.dtype)
+        x = self.embed_tokens[input_ids] * normalizer
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] for the N positions that are sampled. Returns float32 [N, vocab]."""
+        logits = self.lm_head(hidden).float()
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

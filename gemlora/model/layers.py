@@ -1,0 +1,65 @@
+"""Building blocks of the Gemma decoder: RMSNorm, rotary embeddings, the base linear layer.
+
+`Linear` is the one interface every projection goes through (weight-only quantized formats and
+the LoRA delta hook in here later), so the model file never calls `F.linear` itself. Everything
+here works on flat `[num_tokens, ...]` tensors and knows nothing of requests or the KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemlora.model.config import RopeSpec
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight), as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class Linear(nn.Module):
+    """A bias-free projection `y = x @ W.T`; `output_sizes` names the packed parts (q|k|v, gate|up)."""
+
+    def __init__(self, in_features: int, output_sizes: tuple[int, ...]):
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = output_sizes
+        self.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Rotary:
+    """cos/sin for the given positions, rotate-half convention, computed per step in float32."""
+
+    def __init__(self, head_dim: int, spec: RopeSpec, device: torch.device):
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+        self.inv_freq = 1.0 / (spec.theta ** exponents) / spec.linear_factor
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]     # [T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]            # [T, 1, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Gemma 1/2/3 checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def tiny_hf_config(kind: str, **overrides):
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
+    if kind == "gemma":
+        return GemmaConfig(**{**TINY, **overrides})
+    if kind == "gemma2":  # small window so prompts cross it; soft-capping on
+        return Gemma2Config(**{**TINY, "sliding_window": 8, "query_pre_attn_scalar": 16, **overrides})
+    if kind == "gemma3":  # 5 local : 1 global would leave no global layer in 4; use 2:1 via layer_types
+        kw = {**TINY, "num_hidden_layers": 6, "sliding_window": 8, "query_pre_attn_scalar": 24,
+              "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+              "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2, **overrides}
+        return Gemma3TextConfig(**kw)
+    raise ValueError(kind)
+
+
+def make_tiny_checkpoint(kind: str, path, seed: int = 0, **overrides):
+    """A random tiny model saved as an HF folder; norm weights randomised so (1 + w) matters."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["gemma", "gemma2", "gemma3"])
+def tiny_checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    hf_model = make_tiny_checkpoint(request.param, path)
+    return request.param, path, hf_model
