@@ -1,0 +1,44 @@
+"""EngineConfig: every knob of the engine in one validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None              # HF folder, .gguf file, or None for the embedded default
+    dtype: str = "auto"                   # auto: float32 on CPU (fastest GEMMs there), bfloat16 on CUDA
+    device: str = "auto"                  # auto: cuda if available, else cpu
+    kv_cache_memory_gb: float = 1.0       # memory budget for the KV cache
+    block_size: int = 16                  # tokens per KV block
+    max_num_seqs: int = 64                # requests in one step at most
+    max_num_batched_tokens: int = 2048    # tokens in one step at most (prefill chunks + decodes)
+    max_model_len: int | None = None      # context window; default: the model's, capped by the KV budget
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be positive")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

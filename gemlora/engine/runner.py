@@ -1,0 +1,49 @@
+"""ModelRunner: turns a scheduled batch into the model's flat tensors, and runs it.
+
+Owns the model, the KV cache tensors and the device. From each request it takes only token ids,
+how many are cached, how many are new, and its block table; it returns the logits of the rows
+that sample this step (the last position of each request whose known tokens are all computed), so
+a prefill never pays for the LM head at positions nobody samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemlora.engine.scheduler import ScheduledBatch
+from gemlora.model.attention import AttentionMetadata
+from gemlora.model.gemma import GemmaForCausalLM, StepContext
+
+
+class ModelRunner:
+    def __init__(self, model: GemmaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = model.device
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [num_sampling, vocab] float32, indices into batch.requests of those rows)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        last_token: list[int] = []
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = req.num_computed
+            tokens = req.all_ids[start:start + n] if n > 1 else [req.all_ids[start]]
+            ids += tokens
+            positions += range(start, start + n)
+            seq_lens.append(start + n)
+            if batch.samples(i):
+                sample_rows.append(i)
+                last_token.append(len(ids) - 1)
+        meta = AttentionMetadata.build(batch.num_new_tokens, seq_lens, [r.block_table for r in batch.requests],
+                                       self.block_size, self.model.cfg.sliding_window, self.device)
+        to = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
+        hidden = self.model(to(ids), to(positions), StepContext(meta, self.kv_caches))
+        if not sample_rows:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), []
+        return self.model.compute_logits(hidden[to(last_token)]), sample_rows

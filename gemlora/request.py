@@ -1,0 +1,77 @@
+"""The engine's nouns: a Request in flight, and the RequestOutput it yields after each step.
+
+A Request is token ids plus options: it carries no text and no HTTP. Its KV block table and
+the count of tokens whose K/V are cached belong to it; the scheduler moves it between queues.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gemlora.sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # a stop token or stop string
+    LENGTH = "length"    # max_tokens or the context window
+    ABORT = "abort"      # cancelled by the caller
+    ERROR = "error"      # the engine failed while running it
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 stop_token_ids: frozenset[int], max_model_len: int):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.stop_token_ids = frozenset() if params.ignore_eos else stop_token_ids
+        self.stop_token_ids |= frozenset(params.extra_stop_token_ids)
+        self.max_len = min(max_model_len, len(prompt_ids) + params.max_tokens)
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0            # tokens whose K/V are in the cache
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic()
+        # Own generator per request: its samples depend on its seed alone, whatever shares the batch.
+        self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                       else secrets.randbits(63))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def append(self, token: int) -> FinishReason | None:
+        self.output_ids.append(token)
+        if token in self.stop_token_ids:
+            return FinishReason.STOP
+        if self.num_tokens >= self.max_len:
+            return FinishReason.LENGTH
+        return None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
