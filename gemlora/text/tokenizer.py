@@ -1,0 +1,79 @@
+"""Gemma tokenizer: text <-> token ids, loaded from a checkpoint folder's `tokenizer.json`.
+
+Owns BOS policy, special-token ids and the stop-token set. Uses the `tokenizers` library
+directly (no transformers import at run time). Knows strings and token ids only; nothing of
+the engine, KV cache or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+# Gemma's chat markup ends a turn with this; instruction-tuned models stop on it, not on <eos>.
+END_OF_TURN = "<end_of_turn>"
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens either as "<bos>" or as {"content": "<bos>", ...}.
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        bos_token: str = "<bos>",
+        eos_token: str = "<eos>",
+        add_bos_token: bool = True,
+    ) -> None:
+        self._tk = backend
+        self.bos_id: int | None = backend.token_to_id(bos_token)
+        self.eos_id: int | None = backend.token_to_id(eos_token)
+        self.add_bos_token = add_bos_token and self.bos_id is not None
+        stops = {self.eos_id, backend.token_to_id(END_OF_TURN)}
+        self.stop_token_ids: frozenset[int] = frozenset(i for i in stops if i is not None)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_file = path / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        # Gemma needs <bos> at the start of every sequence; a config that omits the flag
+        # (e.g. one converted from GGUF) still means "add it".
+        return cls(
+            backend,
+            bos_token=_token_text(cfg.get("bos_token")) or "<bos>",
+            eos_token=_token_text(cfg.get("eos_token")) or "<eos>",
+            add_bos_token=bool(cfg.get("add_bos_token", True)),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        # The post-processor is bypassed (add_special_tokens=False) and BOS prepended here, so
+        # BOS appears once whether or not tokenizer.json's post-processor also adds it.
+        # Special-token strings in `text` (e.g. "<start_of_turn>") still map to their ids.
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        # A raw prompt written with HF's template already starts with <bos>: never send two.
+        if add_bos and self.add_bos_token and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tk.id_to_token(token_id)
