@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny random Gemma 1/2/3 checkpoints written by transformers itself."""
+"""Shared fixtures: tiny random Gemma 1/2/3 checkpoints written by transformers itself, and the
+embedded google/gemma-3-270m (converted once per session into a temporary cache, plus transformers'
+own load of the same GGUF as the reference)."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +47,40 @@ def tiny_checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     hf_model = make_tiny_checkpoint(request.param, path)
     return request.param, path, hf_model
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    from gemlora.model import source
+    return source.embedded_gguf()
+
+
+@pytest.fixture(scope="session")
+def converted(gguf_path, tmp_path_factory) -> Path:
+    """A fresh conversion (not the user's cache), so the converter itself is under test."""
+    from gemlora.model.source import resolve_model_dir
+    cache = tmp_path_factory.mktemp("gemlora-cache")
+    start = time.perf_counter()
+    path = resolve_model_dir(gguf_path, cache_dir=cache, progress=False)
+    print(f"\nconverted {gguf_path.name} in {time.perf_counter() - start:.1f}s")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """transformers loading the same GGUF: the reference for the real model."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def real_model(converted):
+    from gemlora.model.loader import load_model
+    return load_model(converted, torch.float32)

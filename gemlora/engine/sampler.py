@@ -30,7 +30,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
     greedy = [r.params.greedy for r in rows]
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.max(dim=-1).indices   # first maximum, like argmax, but several times faster on CPU
     if not all(greedy):
         idx = [i for i, g in enumerate(greedy) if not g]
         tokens[idx] = _sample_rows(logits[idx], [rows[i] for i in idx])

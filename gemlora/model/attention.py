@@ -22,8 +22,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor    # [T] flat cache slot of each new token
     token_index: torch.Tensor     # [B, Lq] index into the flat tokens of each padded query (pads -> 0)
     valid_query: torch.Tensor     # [B, Lq] bool
-    key_slots: torch.Tensor       # [B, Lk] flat cache slot of each sequence's k-th key (pads -> 0)
-    causal_mask: torch.Tensor     # [B, 1, Lq, Lk] bool, True = attend
+    block_table: torch.Tensor     # [B, n_blocks] each sequence's blocks, padded with block 0
+    causal_mask: torch.Tensor     # [B, 1, Lq, Lk] bool, True = attend; Lk = n_blocks * block_size
     sliding_mask: torch.Tensor | None  # same, also inside the window
     is_decode: bool               # every sequence has exactly one query token
 
@@ -45,9 +45,7 @@ class AttentionMetadata:
         for b, blocks in enumerate(block_tables):
             used = blocks[:n_blocks]
             table[b, :len(used)] = torch.tensor(used, dtype=torch.long)
-        k_pos = torch.arange(Lk)
-        key_slots = table[:, k_pos // block_size] * block_size + (k_pos % block_size)[None, :]
-        key_slots = torch.where(k_pos[None, :] < s_lens[:, None], key_slots, 0)
+        k_pos = torch.arange(n_blocks * block_size)   # keys past a sequence's length are masked as "future"
         new_pos = [torch.arange(s - q, s) for q, s in zip(query_lens, seq_lens)]
         new_pos_flat = torch.cat(new_pos)
         owner = torch.repeat_interleave(torch.arange(B), q_lens)
@@ -59,7 +57,7 @@ class AttentionMetadata:
         to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return cls(
             slot_mapping=to(slot_mapping), token_index=to(token_index), valid_query=to(valid_query),
-            key_slots=to(key_slots), causal_mask=to(causal[:, None]),
+            block_table=to(table), causal_mask=to(causal[:, None]),
             sliding_mask=to(sliding[:, None]) if sliding is not None else None,
             is_decode=Lq == 1,
         )
@@ -74,16 +72,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     G = H // KVH
     k_flat = k_cache.view(-1, KVH, D)
     v_flat = v_cache.view(-1, KVH, D)
-    k_flat[meta.slot_mapping] = k.to(k_flat.dtype)
-    v_flat[meta.slot_mapping] = v.to(v_flat.dtype)
+    k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
     B, Lq = meta.token_index.shape
     # Grouped-query layout: each KV head serves its G query heads as G*Lq rows, so K/V are not copied G times.
-    qp = q[meta.token_index]                                               # [B, Lq, H, D]
+    qp = q.view(B, 1, H, D) if meta.is_decode else q[meta.token_index]    # [B, Lq, H, D]
     qp = qp.view(B, Lq, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Lq, D)
-    keys = k_flat[meta.key_slots].permute(0, 2, 1, 3).to(q.dtype)         # [B, KVH, Lk, D]
-    values = v_flat[meta.key_slots].permute(0, 2, 1, 3).to(q.dtype)
+    # Gather whole blocks (contiguous runs), not single slots: far fewer, larger copies.
     mask = meta.sliding_mask if sliding else meta.causal_mask             # [B, 1, Lq, Lk]
     Lk = mask.shape[-1]
+    blocks = meta.block_table.flatten()
+    keys = k_cache.index_select(0, blocks).view(B, Lk, KVH, D).permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, Lk, D]
+    values = v_cache.index_select(0, blocks).view(B, Lk, KVH, D).permute(0, 2, 1, 3).to(q.dtype)
     mask = mask.unsqueeze(2).expand(B, 1, G, Lq, Lk).reshape(B, 1, G * Lq, Lk)
     if softcap is None:
         out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale)
@@ -94,4 +94,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, values)
     out = out.view(B, KVH, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B, Lq, H * D)
-    return out[meta.valid_query]                                          # [T, H*D], flat order kept
+    return out.view(B, H * D) if meta.is_decode else out[meta.valid_query]  # [T, H*D], flat order kept
