@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_generate_streams_a_completion(converted):
     out = run("generate", "Once upon a time", "--raw", "--model", str(converted), "--max-tokens", "12",
-              "--temperature", "0")
+              "--temperature", "0", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     assert "little girl" in out.stdout
     assert re.search(r"\d+ prompt \+ 12 generated tokens, finish: length", out.stderr)
