@@ -13,6 +13,8 @@ from typing import Optional
 import typer
 
 from gemlora.config import EngineConfig
+from gemlora.lora.adapter import AdapterError
+from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError, SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve Gemma models with many LoRA adapters.")
@@ -33,6 +35,9 @@ def generate(
     presence_penalty: float = typer.Option(0.0),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)"),
     raw: bool = typer.Option(False, help="Send the prompt as is, without Gemma's chat turns"),
+    lora: Optional[str] = typer.Option(None, help="LoRA adapter: a PEFT adapter folder, or a name in --adapter-dir"),
+    lora_scale: float = typer.Option(1.0, help="Strength of the adapter (0 = base model)"),
+    adapter_dir: list[str] = typer.Option([], help="Folder of adapter folders, registered by name (repeatable)"),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
 ) -> None:
@@ -45,24 +50,29 @@ def generate(
                                 seed=seed, repetition_penalty=repetition_penalty,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                 stop=tuple(stop))
-        config = EngineConfig(model=model, dtype=dtype, device=device)
+        config = EngineConfig(model=model, dtype=dtype, device=device, adapter_dirs=tuple(adapter_dir))
     except (InvalidRequestError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     engine = AsyncEngine.from_config(config).start()
     try:
+        if lora is not None and Path(lora).is_dir():
+            ref = engine.registry.register(lora)
+            typer.echo(f"[adapter {ref.name}: {engine.registry.acquire(ref.id)[1].summary()}]", err=True)
+            engine.registry.release(ref)
+            lora = ref.id
         prompt_ids = engine.tokenizer.encode(format_prompt(prompt, raw=raw))
-        asyncio.run(_stream(engine, prompt_ids, params))
-    except InvalidRequestError as exc:
+        asyncio.run(_stream(engine, prompt_ids, params, lora, lora_scale))
+    except (InvalidRequestError, AdapterError, UnknownAdapterError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     finally:
         engine.shutdown()
 
 
-async def _stream(engine, prompt_ids: list[int], params: SamplingParams) -> None:
+async def _stream(engine, prompt_ids: list[int], params: SamplingParams, lora: str | None, lora_scale: float) -> None:
     start = time.perf_counter()
     first = None
-    async for chunk in engine.generate(prompt_ids, params):
+    async for chunk in engine.generate(prompt_ids, params, lora=lora, lora_scale=lora_scale):
         first = first or time.perf_counter()
         sys.stdout.write(chunk.text)
         sys.stdout.flush()

@@ -19,6 +19,10 @@ class EngineConfig:
     max_num_seqs: int = 64                # requests in one step at most
     max_num_batched_tokens: int = 2048    # tokens in one step at most (prefill chunks + decodes)
     max_model_len: int | None = None      # context window; default: the model's, capped by the KV budget
+    max_loras: int = 8                    # adapter slots next to the model (distinct adapters per step)
+    max_lora_rank: int = 32               # slots are padded to this rank; higher-rank adapters are refused
+    max_cpu_loras: int = 64               # validated adapters kept in RAM (LRU), beyond those in slots
+    adapter_dirs: tuple[str, ...] = ()    # folders whose subfolders are adapters, registered by folder name
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -28,6 +32,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be positive")
 

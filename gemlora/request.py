@@ -10,10 +10,14 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from gemlora.sampling import SamplingParams
+from gemlora.sampling import SamplingParams, check_lora_scale
+
+if TYPE_CHECKING:
+    from gemlora.lora.adapter import LoRAAdapter
 
 
 class FinishReason(str, enum.Enum):
@@ -31,7 +35,8 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 stop_token_ids: frozenset[int], max_model_len: int):
+                 stop_token_ids: frozenset[int], max_model_len: int,
+                 adapter_id: str | None = None, adapter: LoRAAdapter | None = None, lora_scale: float = 1.0):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -44,6 +49,10 @@ class Request:
         self.num_computed = 0            # tokens whose K/V are in the cache
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        if (adapter_id is None) != (adapter is None):
+            raise ValueError("adapter_id and adapter go together")
+        self.adapter_id, self.adapter, self.lora_scale = adapter_id, adapter, check_lora_scale(lora_scale)
+        self.slot = -1                   # adapter slot while running; -1 = none
         self.arrival_time = time.monotonic()
         # Own generator per request: its samples depend on its seed alone, whatever shares the batch.
         self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None

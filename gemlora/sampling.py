@@ -28,6 +28,12 @@ def _check_range(name: str, value: float | None, lo: float, hi: float, lo_open: 
         raise InvalidRequestError(f"{name} must be in {bound}, got {value}", name)
 
 
+def check_lora_scale(value: float) -> float:
+    """The per-request adapter scale: 0 is the base model, 1 the adapter as trained."""
+    _check_range("lora_scale", value, 0, 10)
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 256

@@ -3,7 +3,9 @@
 Owns the step loop's thread, a thread-safe inbox (adds and aborts land between steps), one
 asyncio queue per request, and the text side of the output: UTF-8-safe incremental detokenization
 and stop strings. A caller that stops listening (a client disconnect, a cancelled task) aborts its
-request at once, which frees its KV blocks. Knows nothing of HTTP or chat templates.
+request at once, which frees its KV blocks and its adapter slot. A request naming an adapter pins
+it in the registry for its lifetime; a cold adapter is read and validated on a worker thread, never
+on the engine's. Knows nothing of HTTP or chat templates.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import AsyncIterator
 
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
+from gemlora.lora.adapter import LoRAAdapter
+from gemlora.lora.registry import AdapterRef, AdapterRegistry
 from gemlora.model.loader import load_model
 from gemlora.model.source import resolve_model_dir
 from gemlora.request import FinishReason, RequestOutput
@@ -44,10 +48,13 @@ class GenerationChunk:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_dir: Path | None = None):
+    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, model_dir: Path | None = None,
+                 registry: AdapterRegistry | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_dir = model_dir
+        self.registry = registry or AdapterRegistry(engine.model_config, max_cpu_loras=engine.config.max_cpu_loras,
+                                                    max_rank=engine.config.max_lora_rank)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -60,7 +67,10 @@ class AsyncEngine:
         model = load_model(model_dir, config.torch_dtype, config.torch_device, progress=progress)
         tokenizer = Tokenizer.from_dir(model_dir)
         stop_ids = tokenizer.stop_token_ids | frozenset(model.cfg.eos_token_ids)
-        return cls(LLMEngine(model, config, stop_ids), tokenizer, model_dir)
+        engine = cls(LLMEngine(model, config, stop_ids), tokenizer, model_dir)
+        for folder in config.adapter_dirs:
+            engine.registry.register_folder(folder)
+        return engine
 
     def start(self) -> AsyncEngine:
         if self._thread is None:
@@ -79,15 +89,29 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[GenerationChunk]:
-        """Streams chunks until the request finishes. Raises InvalidRequestError before anything runs."""
-        self.engine.validate(prompt_ids)   # read-only: safe off the engine thread
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       lora: str | None = None, lora_scale: float = 1.0) -> AsyncIterator[GenerationChunk]:
+        """Streams chunks until the request finishes. `lora` is an adapter's name or id. Raises
+        InvalidRequestError / UnknownAdapterError / AdapterError before anything runs."""
+        self.engine.validate(prompt_ids, lora_scale=lora_scale)   # read-only: safe off the engine thread
         request_id = request_id or uuid.uuid4().hex
+        ref = adapter = None
+        if lora is not None:
+            ref, adapter = await asyncio.to_thread(self.registry.acquire, lora)
+        try:
+            self.engine.validate(prompt_ids, adapter, lora_scale)
+            async for chunk in self._run(request_id, prompt_ids, params, ref, adapter, lora_scale):
+                yield chunk
+        finally:
+            if ref is not None:
+                self.registry.release(ref)
+
+    async def _run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None,
+                   adapter: LoRAAdapter | None, lora_scale: float) -> AsyncIterator[GenerationChunk]:
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=list(params.stop))
-        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._inbox.put(("add", request_id, prompt_ids, params, ref, adapter, lora_scale))
         self._wakeup.set()
         finished = False
         try:
@@ -133,9 +157,14 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, request_id, prompt_ids, params = msg
+                _, request_id, prompt_ids, params, ref, adapter, lora_scale = msg
                 if request_id in self._streams:   # not already abandoned by its caller
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    try:
+                        self.engine.add_request(prompt_ids, params, request_id, adapter_id=ref and ref.id,
+                                                adapter=adapter, lora_scale=lora_scale)
+                    except Exception as exc:  # refused: tell its caller, keep serving the rest
+                        self._deliver(RequestOutput(request_id, [], True, FinishReason.ERROR, len(prompt_ids), 0,
+                                                    error=str(exc)))
             else:
                 self.engine.abort(msg[1])
 

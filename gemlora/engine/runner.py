@@ -1,7 +1,8 @@
 """ModelRunner: turns a scheduled batch into the model's flat tensors, and runs it.
 
-Owns the model, the KV cache tensors and the device. From each request it takes only token ids,
-how many are cached, how many are new, and its block table; it returns the logits of the rows
+Owns the model, the KV cache tensors, the adapter slot memory and the device. From each request
+it takes only token ids, how many are cached, how many are new, its block table and its adapter
+slot and scale; it returns the logits of the rows
 that sample this step (the last position of each request whose known tokens are all computed), so
 a prefill never pays for the LM head at positions nobody samples.
 """
@@ -11,17 +12,25 @@ from __future__ import annotations
 import torch
 
 from gemlora.engine.scheduler import ScheduledBatch
+from gemlora.lora.batch import LoRABatch
+from gemlora.lora.slots import LoRASlots
 from gemlora.model.attention import AttentionMetadata
 from gemlora.model.gemma import GemmaForCausalLM, StepContext
 
 
 class ModelRunner:
     def __init__(self, model: GemmaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int):
+                 block_size: int, lora_slots: LoRASlots | None = None):
         self.model = model
+        self.lora_slots = lora_slots
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = model.device
+
+    @torch.inference_mode()
+    def load_slots(self, batch: ScheduledBatch) -> None:
+        for slot, req in batch.slot_loads:
+            self.lora_slots.load(slot, req.adapter)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -31,7 +40,11 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         last_token: list[int] = []
+        token_slots: list[int] = []
+        token_scales: list[float] = []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            token_slots += [req.slot] * n
+            token_scales += [req.lora_scale] * n
             start = req.num_computed
             tokens = req.all_ids[start:start + n] if n > 1 else [req.all_ids[start]]
             ids += tokens
@@ -43,7 +56,8 @@ class ModelRunner:
         meta = AttentionMetadata.build(batch.num_new_tokens, seq_lens, [r.block_table for r in batch.requests],
                                        self.block_size, self.model.cfg.sliding_window, self.device)
         to = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
-        hidden = self.model(to(ids), to(positions), StepContext(meta, self.kv_caches))
+        lora = LoRABatch.build(token_slots, token_scales, self.lora_slots, self.device) if self.lora_slots else None
+        hidden = self.model(to(ids), to(positions), StepContext(meta, self.kv_caches, lora))
         if not sample_rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), []
         return self.model.compute_logits(hidden[to(last_token)]), sample_rows

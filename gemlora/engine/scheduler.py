@@ -4,8 +4,11 @@ Each step it gives every running request its next tokens (one while decoding, a 
 prefilling), then admits waiting requests first-come-first-served into what is left of the token
 budget, the sequence cap and the free KV blocks. When blocks run out, the most recently admitted
 request is preempted: its blocks are freed and it goes back to the front of the queue, keeping its
-output, to be recomputed later with the same result. `postprocess` absorbs the sampled tokens, so
-all request-state changes live here. Knows requests and block ids; nothing of tensors or text.
+output, to be recomputed later with the same result. A request naming an adapter is admitted only
+when its adapter has a slot (or one can be freed from adapters no running request uses), so a
+step never holds more distinct adapters than there are slots; otherwise it waits while requests
+behind it go ahead. `postprocess` absorbs the sampled tokens, so all request-state changes live
+here. Knows requests, block ids and slot ids; nothing of tensors or text.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gemlora.cache.block_manager import BlockManager
+from gemlora.lora.slot_table import SlotTable
 from gemlora.request import FinishReason, Request, RequestOutput, Status
 
 
@@ -21,6 +25,7 @@ from gemlora.request import FinishReason, Request, RequestOutput, Status
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)   # per request, this step
+    slot_loads: list[tuple[int, Request]] = field(default_factory=list)  # slots to fill before running
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -32,8 +37,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 slot_table: SlotTable | None = None):
         self.blocks = blocks
+        self.slot_table = slot_table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -67,17 +74,23 @@ class Scheduler:
                 i += 1
                 continue
             break  # req itself was preempted: everything after it is gone too
+        passed_over: list[Request] = []      # waiting for an adapter slot; keep their place
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.popleft()
+            if req.adapter_id is not None and not self._take_slot(req, batch):
+                passed_over.append(req)
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
+                self._drop_slot(req)
+                self.waiting.appendleft(req)
                 break
-            self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(passed_over))
         return batch
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[RequestOutput]:
@@ -123,8 +136,25 @@ class Scheduler:
         req.block_table += self.blocks.allocate(need)
         return True
 
+    def _take_slot(self, req: Request, batch: ScheduledBatch) -> bool:
+        if self.slot_table is None:
+            raise RuntimeError("this engine has no adapter slots (max_loras = 0)")
+        got = self.slot_table.assign(req.adapter_id)
+        if got is None:
+            return False
+        req.slot, must_load = got
+        if must_load:
+            batch.slot_loads.append((req.slot, req))
+        return True
+
+    def _drop_slot(self, req: Request) -> None:
+        if req.slot >= 0:
+            self.slot_table.release(req.slot)
+            req.slot = -1
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._drop_slot(req)
         self.blocks.free(req.block_table)
         req.block_table = []
         req.num_computed = 0      # recomputed from prompt + output so far when resumed
@@ -136,6 +166,7 @@ class Scheduler:
     def _finish(self, req: Request, reason: FinishReason, remove: bool = True) -> None:
         if remove:
             self.running.remove(req)
+        self._drop_slot(req)
         if req.block_table:
             self.blocks.free(req.block_table)
             req.block_table = []

@@ -13,6 +13,7 @@ per-step `AttentionMetadata` and the KV cache tensors. It knows nothing of reque
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from gemlora.model.attention import AttentionMetadata, paged_attention
 from gemlora.model.config import GemmaConfig
 from gemlora.model.layers import Linear, RMSNorm, Rotary, apply_rotary, gelu_tanh
+
+if TYPE_CHECKING:
+    from gemlora.lora.batch import LoRABatch
 
 
 _LM_HEAD_MIN_ROWS = 16
@@ -29,6 +33,7 @@ _LM_HEAD_MIN_ROWS = 16
 class StepContext:
     attn: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (K, V)
+    lora: LoRABatch | None = None                          # this step's adapter layout, if any token uses one
     cos_sin: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None = None  # by "sliding", filled by the model
 
 
@@ -46,7 +51,7 @@ class GemmaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, ctx.lora).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -57,7 +62,7 @@ class GemmaAttention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, scale=cfg.attn_scale,
                               sliding=self.sliding, softcap=cfg.attn_logit_softcap)
-        return self.o_proj(out)
+        return self.o_proj(out, ctx.lora)
 
 
 class GemmaMLP(nn.Module):
@@ -66,9 +71,9 @@ class GemmaMLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
         self.down_proj = Linear(cfg.intermediate_size, (cfg.hidden_size,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(gelu_tanh(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(gelu_tanh(gate) * up, lora)
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -86,9 +91,9 @@ class GemmaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.sandwich:  # Gemma 2/3: norm before and after each block
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx.lora))
         x = x + self.self_attn(self.input_layernorm(x), ctx)  # Gemma 1: post_attention norm feeds the MLP
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.lora)
 
 
 class GemmaForCausalLM(nn.Module):
@@ -102,6 +107,13 @@ class GemmaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
         self._rotary: dict[bool, Rotary] = {}
+        for name, module in self.layers.named_modules(prefix="layers"):
+            if isinstance(module, Linear):
+                module.lora_key = name
+
+    def lora_targets(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Every projection LoRA can patch: key -> (in_features, packed output sizes)."""
+        return {m.lora_key: (m.in_features, m.output_sizes) for m in self.layers.modules() if isinstance(m, Linear)}
 
     @property
     def device(self) -> torch.device:

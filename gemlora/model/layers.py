@@ -1,17 +1,22 @@
 """Building blocks of the Gemma decoder: RMSNorm, rotary embeddings, the base linear layer.
 
-`Linear` is the one interface every projection goes through (weight-only quantized formats and
-the LoRA delta hook in here later), so the model file never calls `F.linear` itself. Everything
+`Linear` is the one interface every projection goes through (the LoRA delta hooks in here, and
+weight-only quantized formats can later), so the model file never calls `F.linear` itself. Everything
 here works on flat `[num_tokens, ...]` tensors and knows nothing of requests or the KV cache.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gemlora.model.config import RopeSpec
+
+if TYPE_CHECKING:
+    from gemlora.lora.batch import LoRABatch
 
 
 class RMSNorm(nn.Module):
@@ -27,16 +32,22 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A bias-free projection `y = x @ W.T`; `output_sizes` names the packed parts (q|k|v, gate|up)."""
+    """A bias-free projection `y = x @ W.T`, plus the step's LoRA deltas when a LoRA batch is given.
+
+    `output_sizes` names the packed parts (q|k|v, gate|up); `lora_key` is this module's name in the
+    adapter slots, set by the model that owns it.
+    """
 
     def __init__(self, in_features: int, output_sizes: tuple[int, ...]):
         super().__init__()
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features))
+        self.lora_key = ""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y if lora is None else lora.add_delta(y, x, self.lora_key)
 
 
 class Rotary:

@@ -1,0 +1,139 @@
+"""AdapterRegistry: which adapters exist, under which stable id and name, and which are held in RAM.
+
+An adapter has a stable id apart from its name (Workers AI addresses a finetune by either), so a
+re-upload under the same name is a different adapter. Adapters are validated when registered
+and loaded (from their folder) into an LRU of at most `max_cpu_loras`; one with requests in flight
+is never dropped, and unregistering it is refused until they finish. Thread-safe: HTTP handlers
+and the engine thread both call in. Knows adapter files and counts; nothing of slots or requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemlora.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+from gemlora.model.config import GemmaConfig
+
+
+class UnknownAdapterError(KeyError):
+    def __str__(self) -> str:
+        return f"no adapter named or with id {self.args[0]!r}"
+
+
+class AdapterInUseError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    id: str
+    name: str
+    path: Path
+
+
+class AdapterRegistry:
+    def __init__(self, model_cfg: GemmaConfig, *, max_cpu_loras: int = 64, max_rank: int = 32,
+                 max_file_bytes: int = 300 * 2**20):
+        if max_cpu_loras < 1:
+            raise ValueError("max_cpu_loras must be at least 1")
+        self.model_cfg = model_cfg
+        self.max_cpu_loras, self.max_rank, self.max_file_bytes = max_cpu_loras, max_rank, max_file_bytes
+        self._lock = threading.RLock()
+        self._by_id: dict[str, AdapterRef] = {}
+        self._by_name: dict[str, AdapterRef] = {}
+        self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()   # id -> weights, LRU order
+        self._in_flight: dict[str, int] = {}
+        self.loads = 0          # loads from disk, for metrics
+
+    def register(self, path: str | Path, name: str | None = None, adapter_id: str | None = None) -> AdapterRef:
+        """Validates the folder now (fail closed) and makes it addressable by id and name."""
+        path = Path(path)
+        adapter = self._load(path)          # raises AdapterError before anything is recorded
+        ref = AdapterRef(adapter_id or uuid.uuid4().hex, name or path.name, path)
+        with self._lock:
+            if ref.name in self._by_name or ref.id in self._by_id:
+                raise AdapterError(f"an adapter named {ref.name!r} or with id {ref.id!r} is already registered")
+            self._by_id[ref.id] = self._by_name[ref.name] = ref
+            self._remember(ref.id, adapter)
+        return ref
+
+    def register_folder(self, root: str | Path) -> list[AdapterRef]:
+        """Every subfolder holding an adapter_config.json, named after the subfolder."""
+        return [self.register(d) for d in sorted(Path(root).iterdir()) if (d / "adapter_config.json").is_file()]
+
+    def resolve(self, name_or_id: str) -> AdapterRef:
+        with self._lock:
+            ref = self._by_id.get(name_or_id) or self._by_name.get(name_or_id)
+        if ref is None:
+            raise UnknownAdapterError(name_or_id)
+        return ref
+
+    def refs(self) -> list[AdapterRef]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def acquire(self, name_or_id: str) -> tuple[AdapterRef, LoRAAdapter]:
+        """Resolve and pin for one request (loading from disk if it left RAM); pair with release()."""
+        with self._lock:
+            ref = self.resolve(name_or_id)
+            self._in_flight[ref.id] = self._in_flight.get(ref.id, 0) + 1
+            adapter = self._loaded.get(ref.id)
+            if adapter is not None:
+                self._loaded.move_to_end(ref.id)
+                return ref, adapter
+        try:
+            adapter = self._load(ref.path)   # outside the lock: disk reads must not block other callers
+        except BaseException:
+            self.release(ref)
+            raise
+        with self._lock:
+            self._remember(ref.id, adapter)
+        return ref, adapter
+
+    def release(self, ref: AdapterRef) -> None:
+        with self._lock:
+            n = self._in_flight.get(ref.id, 0) - 1
+            if n > 0:
+                self._in_flight[ref.id] = n
+            else:
+                self._in_flight.pop(ref.id, None)
+                self._evict_over_limit()
+
+    def in_flight(self, ref: AdapterRef) -> int:
+        with self._lock:
+            return self._in_flight.get(ref.id, 0)
+
+    def unregister(self, name_or_id: str) -> AdapterRef:
+        with self._lock:
+            ref = self.resolve(name_or_id)
+            if self._in_flight.get(ref.id):
+                raise AdapterInUseError(f"adapter {ref.name!r} has {self._in_flight[ref.id]} requests in flight")
+            del self._by_id[ref.id], self._by_name[ref.name]
+            self._loaded.pop(ref.id, None)
+        return ref
+
+    @property
+    def num_loaded(self) -> int:
+        with self._lock:
+            return len(self._loaded)
+
+    def _load(self, path: Path) -> LoRAAdapter:
+        adapter = load_adapter(path, self.model_cfg, max_rank=self.max_rank, max_file_bytes=self.max_file_bytes)
+        self.loads += 1
+        return adapter
+
+    def _remember(self, adapter_id: str, adapter: LoRAAdapter) -> None:
+        self._loaded[adapter_id] = adapter
+        self._loaded.move_to_end(adapter_id)
+        self._evict_over_limit()
+
+    def _evict_over_limit(self) -> None:
+        for adapter_id in list(self._loaded):
+            if len(self._loaded) <= self.max_cpu_loras:
+                return
+            if not self._in_flight.get(adapter_id):
+                del self._loaded[adapter_id]
