@@ -28,6 +28,8 @@ class LoRABatch:
     token_scale: torch.Tensor   # [S, L, 1] per-request scale, 0 on pads
     rank: int                   # largest rank among the active slots
     active_set: frozenset[int]
+    slot_range: tuple[int, int] | None   # (first, count) when the active slots are consecutive: no gather
+    dense: bool                 # one adapter for every token, in order: no token gather or scatter
 
     @classmethod
     def build(cls, token_slots: list[int], token_scales: list[float], slots: LoRASlots,
@@ -48,8 +50,11 @@ class LoRABatch:
             index[i, :len(g)] = torch.tensor(g)
             scale[i, :len(g), 0] = torch.tensor([token_scales[t] for t in g])
         rank = max(slots.rank[s] for s in active)
+        consecutive = active == list(range(active[0], active[0] + len(active)))
+        dense = len(active) == 1 and groups[active[0]] == list(range(len(token_slots)))
         to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls(slots, to(torch.tensor(active)), to(index), to(scale), rank, frozenset(active))
+        return cls(slots, to(torch.tensor(active)), to(index), to(scale), rank, frozenset(active),
+                   (active[0], len(active)) if consecutive else None, dense)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tensor:
         """y: [T, out] base output of module `key` for input x: [T, in]. Adds the LoRA delta in place."""
@@ -58,10 +63,15 @@ class LoRABatch:
             return y
         S, L = self.token_index.shape
         R = self.rank
-        A = self.slots.A[key].index_select(0, self.active)[:, :, :R]          # [S, parts, R, in]
-        B = self.slots.B[key].index_select(0, self.active)[:, :, :R]          # [S, out, R]
+        if self.slot_range is not None:
+            A = self.slots.A[key].narrow(0, *self.slot_range)
+            B = self.slots.B[key].narrow(0, *self.slot_range)
+        else:
+            A = self.slots.A[key].index_select(0, self.active)
+            B = self.slots.B[key].index_select(0, self.active)
+        A, B = A[:, :, :R], B[:, :, :R]                                        # [S, parts, R, in], [S, out, R]
         parts = A.shape[1]
-        xg = x[self.token_index]                                              # [S, L, in]
+        xg = x.unsqueeze(0) if self.dense else x[self.token_index]            # [S, L, in]
         # One shrink for every part at once: [S, L, parts*R], scaled per request.
         z = torch.bmm(xg, A.reshape(S, parts * R, -1).transpose(1, 2).to(x.dtype)) * self.token_scale.to(x.dtype)
         offsets = self.slots.part_offsets[key]
@@ -69,5 +79,8 @@ class LoRABatch:
         for i in parts_used:                                                  # expand part by part
             lo, hi = offsets[i], offsets[i + 1]
             delta = torch.bmm(z[:, :, i * R:(i + 1) * R], B[:, lo:hi].transpose(1, 2).to(x.dtype))
-            y[:, lo:hi].index_add_(0, flat, delta.view(S * L, hi - lo))
+            if self.dense:
+                y[:, lo:hi] += delta[0]
+            else:
+                y[:, lo:hi].index_add_(0, flat, delta.view(S * L, hi - lo))
         return y
