@@ -85,6 +85,63 @@ async def _stream(engine, prompt_ids: list[int], params: SamplingParams, lora: s
 
 
 @app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+    port: int = typer.Option(8787, help="Port to listen on"),
+    alias: list[str] = typer.Option([], help="Another name the model answers to, e.g. @cf/google/gemma-7b-it-lora"),
+    data_dir: Path = typer.Option(Path("~/.local/share/gemlora"), help="Finetunes database and adapter files"),
+    tokens_file: Optional[Path] = typer.Option(None, help="API tokens: one 'TOKEN ACCOUNT_ID' per line "
+                                                          "(also GEMLORA_API_TOKENS=token:account,...)"),
+    allow_anonymous_public: bool = typer.Option(False, help="Serve without tokens on a non-loopback address"),
+    public_adapters_dir: Optional[Path] = typer.Option(None, help="Folder of adapters every account may use"),
+    max_input_length: int = typer.Option(4096, help="Characters per prompt or message"),
+    max_finetunes_per_account: int = typer.Option(30),
+    max_adapter_mb: int = typer.Option(300, help="Largest adapter file accepted, MiB"),
+    max_loras: int = typer.Option(8, help="Adapter slots next to the model"),
+    max_cpu_loras: int = typer.Option(64, help="Adapters kept in RAM"),
+    max_lora_rank: int = typer.Option(32),
+    kv_cache_memory_gb: float = typer.Option(1.0, help="Memory budget of the KV cache"),
+    max_num_seqs: int = typer.Option(64),
+    dtype: str = typer.Option("auto"), device: str = typer.Option("auto"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve the Workers AI and OpenAI-compatible HTTP APIs."""
+    import logging
+
+    import uvicorn
+
+    from gemlora.api.app import ServerSettings, create_app
+    from gemlora.api.auth import Auth, is_loopback
+    from gemlora.engine.async_engine import AsyncEngine
+    from gemlora.model.source import DEFAULT_MODEL_NAME
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    auth = Auth.from_sources(tokens_file)
+    if auth.anonymous and not is_loopback(host):
+        if not allow_anonymous_public:
+            typer.echo(f"error: refusing to serve {host} without API tokens; give --tokens-file or "
+                       "GEMLORA_API_TOKENS, or --allow-anonymous-public", err=True)
+            raise typer.Exit(2)
+    if auth.anonymous:
+        typer.echo(f"no API tokens configured: anonymous requests are accepted on {host}", err=True)
+    config = EngineConfig(model=model, dtype=dtype, device=device, kv_cache_memory_gb=kv_cache_memory_gb,
+                          max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                          max_num_seqs=max_num_seqs)
+    engine = AsyncEngine.from_config(config).start()
+    base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
+    settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
+                              max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
+                              max_adapter_file_bytes=max_adapter_mb * 2**20, public_adapters_dir=public_adapters_dir)
+    try:
+        app_ = create_app(engine, settings, auth)
+        typer.echo(f"serving {', '.join(settings.model_names)} on http://{host}:{port}", err=True)
+        uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    finally:
+        engine.shutdown()
+
+
+@app.command()
 def convert(
     gguf: Optional[Path] = typer.Argument(None, help="GGUF file; default: the embedded model"),
     cache_dir: Optional[Path] = typer.Option(None, help="Where converted checkpoints live (default ~/.cache/gemlora)"),

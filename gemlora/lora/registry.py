@@ -10,6 +10,7 @@ and the engine thread both call in. Knows adapter files and counts; nothing of s
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class AdapterRegistry:
         self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()   # id -> weights, LRU order
         self._in_flight: dict[str, int] = {}
         self.loads = 0          # loads from disk, for metrics
+        self.load_seconds = 0.0
 
     def register(self, path: str | Path, name: str | None = None, adapter_id: str | None = None) -> AdapterRef:
         """Validates the folder now (fail closed) and makes it addressable by id and name."""
@@ -60,6 +62,24 @@ class AdapterRegistry:
             self._by_id[ref.id] = self._by_name[ref.name] = ref
             self._remember(ref.id, adapter)
         return ref
+
+    def ensure(self, path: str | Path, adapter_id: str) -> AdapterRef:
+        """Register under `adapter_id` (also its name) unless it already is; safe to race."""
+        with self._lock:
+            ref = self._by_id.get(adapter_id)
+        if ref is not None:
+            return ref
+        try:
+            return self.register(path, name=adapter_id, adapter_id=adapter_id)
+        except AdapterError:
+            with self._lock:
+                if adapter_id in self._by_id:      # a concurrent caller won the race
+                    return self._by_id[adapter_id]
+            raise
+
+    def is_registered(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._by_id
 
     def register_folder(self, root: str | Path) -> list[AdapterRef]:
         """Every subfolder holding an adapter_config.json, named after the subfolder."""
@@ -122,8 +142,10 @@ class AdapterRegistry:
             return len(self._loaded)
 
     def _load(self, path: Path) -> LoRAAdapter:
+        start = time.perf_counter()
         adapter = load_adapter(path, self.model_cfg, max_rank=self.max_rank, max_file_bytes=self.max_file_bytes)
         self.loads += 1
+        self.load_seconds += time.perf_counter() - start
         return adapter
 
     def _remember(self, adapter_id: str, adapter: LoRAAdapter) -> None:

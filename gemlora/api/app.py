@@ -1,0 +1,116 @@
+"""The HTTP server: a FastAPI app over one running AsyncEngine.
+
+Owns settings, the request-id header on every response, one log line and the metrics of every
+request, error envelopes for errors no route caught, `/health` and `/metrics`, and the routers of
+both dialects (`workers_ai`, `openai_api`). The engine runs on its own thread; handlers only await
+it. Knows nothing of KV blocks or slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gemlora.api.auth import Auth
+from gemlora.api.errors import ApiError
+from gemlora.api.metrics import Metrics
+from gemlora.api.textgen import TextGeneration
+from gemlora.engine.async_engine import AsyncEngine
+from gemlora.finetunes.store import FinetuneStore
+
+log = logging.getLogger("gemlora.api")
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    model_names: tuple[str, ...]                 # names the base model answers to; the first is canonical
+    data_dir: Path
+    max_input_length: int = 4096                 # characters, per prompt or message (the seed schema)
+    max_finetunes_per_account: int = 30
+    max_adapter_file_bytes: int = 300 * 2**20
+    public_adapters_dir: Path | None = None
+
+
+@dataclass(slots=True)
+class ServerContext:
+    settings: ServerSettings
+    engine: AsyncEngine
+    store: FinetuneStore
+    auth: Auth
+    textgen: TextGeneration
+    metrics: Metrics
+    started: float = field(default_factory=time.time)
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> FastAPI:
+    from gemlora.api import openai_api, workers_ai
+    from gemlora.lora.adapter import load_adapter
+
+    cfg = engine.engine.model_config
+    limits = dict(max_rank=engine.engine.config.max_lora_rank, max_file_bytes=settings.max_adapter_file_bytes)
+    store = FinetuneStore(settings.data_dir, validate=lambda path: load_adapter(path, cfg, **limits).summary(),
+                          max_file_bytes=settings.max_adapter_file_bytes,
+                          max_per_account=settings.max_finetunes_per_account,
+                          public_dir=settings.public_adapters_dir)
+    ctx = ServerContext(settings, engine, store, auth, TextGeneration(engine, store), Metrics(engine))
+    app = FastAPI(title="gemlora", version="0.1.0")
+    app.state.ctx = ctx
+    app.include_router(workers_ai.router)
+    app.include_router(workers_ai.router, prefix="/client/v4")
+    app.include_router(openai_api.router)
+    app.include_router(openai_api.router, prefix="/client/v4/accounts/{account_id}/ai")
+
+    @app.middleware("http")
+    async def request_id_and_metrics(request: Request, call_next):
+        request_id = request.headers.get("cf-ai-req-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers["cf-ai-req-id"] = request_id
+        response.headers["x-request-id"] = request_id
+        route = request.scope.get("route")
+        ctx.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        log.info("request %s %s %s -> %d in %.3fs", request_id, request.method, request.url.path,
+                 response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        rid = getattr(request.state, "request_id", None)
+        body = exc.openai_body() if _is_openai(request) else exc.workers_ai_body(rid)
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: 7003, 405: 7001}.get(exc.status_code, 7000)
+        err = ApiError(code, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        err = ApiError(5006, 400, f"AiError: Bad input: {exc.errors()[0].get('msg', 'invalid request')}")
+        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_names[0], "uptime_s": round(time.time() - ctx.started, 1),
+                "anonymous": auth.anonymous}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _is_openai(request: Request) -> bool:
+    return "/v1/" in request.url.path

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the server: requests by route and status, tokens, time to first token and
+per output token, queue length, KV blocks, resident adapters per tier, adapter loads. The engine's
+numbers are read by a collector when scraped, so the engine never calls in here."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gemlora.engine.async_engine import AsyncEngine
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, engine: AsyncEngine):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gemlora_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("gemlora_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("gemlora_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("gemlora_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
+                              registry=r)
+        self.tpot = Histogram("gemlora_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    def collect(self):
+        e, registry = self.engine.engine, self.engine.registry
+        table = e.scheduler.slot_table
+        for name, doc, value in (("gemlora_queue_length", "Requests waiting", len(e.scheduler.waiting)),
+                                 ("gemlora_running_requests", "Requests running", len(e.scheduler.running)),
+                                 ("gemlora_kv_blocks_used", "KV cache blocks in use", e.blocks.num_used),
+                                 ("gemlora_kv_blocks_free", "KV cache blocks free", e.blocks.num_free)):
+            yield GaugeMetricFamily(name, doc, value=value)
+        resident = GaugeMetricFamily("gemlora_adapters_resident", "Adapters held, per tier", labels=["tier"])
+        resident.add_metric(["slot"], table.resident if table else 0)
+        resident.add_metric(["ram"], registry.num_loaded)
+        yield resident
+        loads = CounterMetricFamily("gemlora_adapter_loads", "Adapter loads, per tier", labels=["tier"])
+        loads.add_metric(["slot"], table.loads if table else 0)
+        loads.add_metric(["ram"], registry.loads)
+        yield loads
+        seconds = CounterMetricFamily("gemlora_adapter_load_seconds", "Time spent validating and loading adapters")
+        seconds.add_metric([], registry.load_seconds)
+        yield seconds

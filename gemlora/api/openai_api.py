@@ -1,0 +1,124 @@
+"""OpenAI-compatible routes: chat completions, completions and models, streamed or not.
+
+    POST /v1/chat/completions     POST /v1/completions     GET /v1/models
+(also under /client/v4/accounts/{account_id}/ai/, as Workers AI mounts them). `model` is a served
+model name, or one of the caller's finetunes by name or id; an extra `lora` body field also picks
+one. Errors use OpenAI's `{"error": {...}}` body. Knows HTTP and TextGeneration; not the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from gemlora.api.errors import ApiError
+from gemlora.api.schemas import GenerateRequest, parse_chat_completion, parse_completion
+from gemlora.api.streaming import DONE, sse, usage
+from gemlora.api.workers_ai import _log_done, _observe
+from gemlora.finetunes.store import FinetuneError
+
+router = APIRouter()
+
+
+def _account(request: Request) -> str:
+    return request.app.state.ctx.auth.account(request.headers.get("authorization"),
+                                              request.path_params.get("account_id"))
+
+
+async def _with_model(ctx, account: str, model: str, req: GenerateRequest) -> GenerateRequest:
+    """A finetune given as `model` becomes the request's adapter."""
+    if model in ctx.settings.model_names:
+        return req
+    if req.lora is None:
+        try:
+            await asyncio.to_thread(ctx.store.get, account, model)
+        except FinetuneError as exc:
+            raise ApiError(404, 404, f"The model `{model}` does not exist", param="model") from exc
+        return GenerateRequest(**{**req.__dict__, "lora": model})
+    raise ApiError(404, 404, f"The model `{model}` does not exist", param="model")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _complete(request, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: Request, chat: bool):
+    ctx = request.app.state.ctx
+    account = _account(request)
+    parse = parse_chat_completion if chat else parse_completion
+    model, req = parse(await request.body(), max_length=ctx.settings.max_input_length)
+    req = await _with_model(ctx, account, model, req)
+    request_id = request.state.request_id
+    start = time.perf_counter()
+    chunks = await ctx.textgen.stream(account, req, request_id)
+    oid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if req.stream:
+        return StreamingResponse(_stream(ctx, chunks, oid, created, model, chat, req, start, account, request_id),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    text, last = [], None
+    async for chunk in chunks:
+        text.append(chunk.text)
+        last = chunk
+        _observe(ctx, chunk, start)
+    _log_done(request_id, account, req.lora, last, start)
+    content = "".join(text)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
+              else {"index": 0, "text": content, "logprobs": None})
+    choice["finish_reason"] = _finish(last)
+    return {"id": oid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+
+
+async def _stream(ctx, chunks, oid, created, model, chat, req, start, account, request_id):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def frame(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        if chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [choice]})
+
+    last, first = None, True
+    async for chunk in chunks:
+        _observe(ctx, chunk, start)
+        last = chunk
+        if chunk.text or first:
+            yield frame(chunk.text, None, first)
+            first = False
+    yield frame(None, _finish(last))
+    if req.include_usage:
+        yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
+                   "usage": usage(last.prompt_tokens, last.completion_tokens)})
+    yield DONE
+    _log_done(request_id, account, req.lora, last, start)
+
+
+def _finish(chunk) -> str:
+    return "length" if chunk.finish_reason and chunk.finish_reason.value == "length" else "stop"
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request)
+    created = int(ctx.started)
+    base = ctx.settings.model_names[0]
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "gemlora"} for name in ctx.settings.model_names]
+    for f in await asyncio.to_thread(ctx.store.list, account):
+        if f.ready:
+            data.append({"id": f.name, "object": "model", "created": created, "owned_by": account,
+                         "parent": base, "root": f.id})
+    return {"object": "list", "data": data}

@@ -1,0 +1,75 @@
+"""TextGeneration: what both HTTP dialects share between a parsed request and the engine.
+
+Resolves the request's finetune for the calling account (its own or a public one) into a
+registered adapter, builds the Gemma prompt (chat turns, or `raw` as is), tokenizes, applies the
+context-window rule (prompt tokens + max_tokens, Workers AI's 5021) and streams the engine's
+chunks. Raises ApiError for everything the caller got wrong. Knows no HTTP objects and no KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from gemlora.api.errors import ApiError, bad_input, context_window, finetune_missing_files, finetune_not_found
+from gemlora.api.schemas import GenerateRequest
+from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
+from gemlora.finetunes.store import FinetuneError, FinetuneStore
+from gemlora.lora.adapter import AdapterError
+from gemlora.sampling import InvalidRequestError
+from gemlora.text.chat import format_chat, format_prompt
+
+
+class TextGeneration:
+    def __init__(self, engine: AsyncEngine, store: FinetuneStore):
+        self.engine = engine
+        self.store = store
+
+    async def adapter_for(self, account: str, lora: str | None) -> str | None:
+        """The registry id of the account's finetune named or numbered `lora`."""
+        if lora is None:
+            return None
+        try:
+            finetune = await asyncio.to_thread(self.store.get, account, lora)
+        except FinetuneError as exc:
+            if exc.code == 3037:
+                raise finetune_not_found(lora) from exc
+            raise ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}") from exc
+        if not finetune.ready:
+            raise finetune_missing_files()
+        try:
+            await asyncio.to_thread(self.engine.registry.ensure, finetune.path, finetune.id)
+        except AdapterError as exc:
+            raise bad_input(f"finetune {lora} cannot be used: {exc}", "lora") from exc
+        return finetune.id
+
+    def prompt_ids(self, req: GenerateRequest) -> list[int]:
+        try:
+            text = format_chat(req.messages) if req.messages is not None else format_prompt(req.prompt, raw=req.raw)
+        except ValueError as exc:
+            raise bad_input(str(exc), "messages") from exc
+        ids = self.engine.tokenizer.encode(text)
+        limit = self.engine.engine.max_model_len
+        if len(ids) + req.params.max_tokens > limit:
+            raise context_window(len(ids) + req.params.max_tokens, limit)
+        return ids
+
+    async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Validates everything first (raising ApiError), then yields the engine's chunks."""
+        adapter_id = await self.adapter_for(account, req.lora)
+        ids = self.prompt_ids(req)
+        gen = self.engine.generate(ids, req.params, request_id, lora=adapter_id, lora_scale=req.lora_scale)
+        try:
+            first = await gen.__anext__()
+        except InvalidRequestError as exc:
+            raise bad_input(str(exc), exc.field) from exc
+        return _chain(first, gen)
+
+
+async def _chain(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()     # a client that went away aborts the request in the engine at once

@@ -1,0 +1,184 @@
+"""Workers AI routes: run (JSON or SSE), and the fine-tunes API with adapter uploads.
+
+    POST   /accounts/{account_id}/ai/run/{model}                       model names contain @ and /
+    POST   /accounts/{account_id}/ai/finetunes                          {model, name, description, public}
+    GET    /accounts/{account_id}/ai/finetunes
+    GET    /accounts/{account_id}/ai/finetunes/public
+    POST   /accounts/{account_id}/ai/finetunes/{id_or_name}/finetune-assets   multipart: file_name, file
+    DELETE /accounts/{account_id}/ai/finetunes/{id_or_name}            (our extension)
+
+Mounted at the root and under /client/v4, so either base-URL convention works. Every answer is the
+v4 envelope `{result, success, errors, messages}`; streams are raw SSE. Knows HTTP and the
+TextGeneration/FinetuneStore interfaces; nothing of the engine's insides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gemlora.api.errors import ApiError, bad_input, no_such_model
+from gemlora.api.schemas import parse_run_body
+from gemlora.api.streaming import DONE, sse, usage
+from gemlora.finetunes.store import FinetuneError
+from gemlora.lora.registry import AdapterInUseError
+
+router = APIRouter()
+log = logging.getLogger("gemlora.api")
+
+
+def envelope(result) -> dict:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def _account(request: Request, account_id: str) -> str:
+    return request.app.state.ctx.auth.account(request.headers.get("authorization"), account_id)
+
+
+@router.post("/accounts/{account_id}/ai/run/{model:path}")
+async def run(account_id: str, model: str, request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request, account_id)
+    if model not in ctx.settings.model_names:
+        raise no_such_model(model)
+    req = parse_run_body(await request.body(), max_length=ctx.settings.max_input_length)
+    request_id = request.state.request_id
+    start = time.perf_counter()
+    chunks = await ctx.textgen.stream(account, req, request_id)
+    if req.stream:
+        return StreamingResponse(_sse(ctx, chunks, start, account, req.lora, request_id),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    text, last = [], None
+    async for chunk in chunks:
+        text.append(chunk.text)
+        last = chunk
+        _observe(ctx, chunk, start)
+    _log_done(request_id, account, req.lora, last, start)
+    return envelope({"response": "".join(text), "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+async def _sse(ctx, chunks, start, account, lora, request_id):
+    last = None
+    async for chunk in chunks:
+        _observe(ctx, chunk, start)
+        last = chunk
+        if chunk.text:
+            yield sse({"response": chunk.text})
+    yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
+    yield DONE
+    _log_done(request_id, account, lora, last, start)
+
+
+def _observe(ctx, chunk, start: float) -> None:
+    m = ctx.metrics
+    n = len(chunk.token_ids)
+    if chunk.completion_tokens == n and n:          # the first token of this request
+        m.ttft.observe(time.perf_counter() - start)
+        m.prompt_tokens.inc(chunk.prompt_tokens)
+    elif n and chunk.completion_tokens > 1:
+        m.tpot.observe((time.perf_counter() - start) / chunk.completion_tokens)
+    m.generated_tokens.inc(n)
+
+
+def _log_done(request_id, account, lora, last, start) -> None:
+    log.info("generated request=%s account=%s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s "
+             "seconds=%.3f", request_id, account, lora or "-", last.prompt_tokens, last.completion_tokens,
+             last.finish_reason.value if last.finish_reason else "-", time.perf_counter() - start)
+
+
+def _finetune_call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except FinetuneError as exc:
+        raise api_error_of(exc) from exc
+
+
+def api_error_of(exc: FinetuneError) -> ApiError:
+    """The store's plain messages, in Workers AI's wording."""
+    if exc.code == 5006:
+        return bad_input(exc.message)
+    return ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}")
+
+
+@router.post("/accounts/{account_id}/ai/finetunes")
+@router.post("/accounts/{account_id}/ai/finetunes/", include_in_schema=False)
+async def create_finetune(account_id: str, request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request, account_id)
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise bad_input("the body must be a JSON object with model and name")
+    model, name = body.get("model"), body.get("name")
+    description, public = body.get("description") or "", body.get("public", False)
+    if not isinstance(model, str) or not model:
+        raise bad_input("required property 'model' (a string) is missing", "model")
+    if not isinstance(name, str) or not name:
+        raise bad_input("required property 'name' (a string) is missing", "name")
+    if not isinstance(description, str) or not isinstance(public, bool):
+        raise bad_input("'description' must be a string and 'public' a boolean")
+    if model not in ctx.settings.model_names:
+        raise no_such_model(model)
+    finetune = await asyncio.to_thread(_finetune_call, ctx.store.create, account, model=model, name=name,
+                                       description=description, public=public)
+    return envelope(finetune.to_api())
+
+
+@router.get("/accounts/{account_id}/ai/finetunes")
+@router.get("/accounts/{account_id}/ai/finetunes/", include_in_schema=False)
+async def list_finetunes(account_id: str, request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request, account_id)
+    return envelope([f.to_api() for f in await asyncio.to_thread(ctx.store.list, account)])
+
+
+@router.get("/accounts/{account_id}/ai/finetunes/public")
+async def list_public_finetunes(account_id: str, request: Request):
+    ctx = request.app.state.ctx
+    _account(request, account_id)
+    return envelope([f.to_api() for f in await asyncio.to_thread(ctx.store.list_public)])
+
+
+@router.post("/accounts/{account_id}/ai/finetunes/{finetune}/finetune-assets")
+@router.post("/accounts/{account_id}/ai/finetunes/{finetune}/finetune-assets/", include_in_schema=False)
+async def upload_asset(account_id: str, finetune: str, request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request, account_id)
+    try:
+        form = await request.form(max_part_size=ctx.settings.max_adapter_file_bytes)
+    except Exception as exc:   # malformed multipart: the client's fault, in the envelope
+        raise bad_input(f"expected multipart/form-data with file_name and file ({exc})") from exc
+    file_name, upload = form.get("file_name"), form.get("file")
+    if not isinstance(file_name, str) or not file_name:
+        raise bad_input("multipart field 'file_name' is missing", "file_name")
+    if upload is None or isinstance(upload, str):
+        raise bad_input("multipart field 'file' (the file's content) is missing", "file")
+    try:
+        _, asset = await asyncio.to_thread(_finetune_call, ctx.store.put_asset, account, finetune, file_name,
+                                           upload.file)
+    finally:
+        await form.close()
+    return envelope(asset.to_api())
+
+
+@router.delete("/accounts/{account_id}/ai/finetunes/{finetune}")
+async def delete_finetune(account_id: str, finetune: str, request: Request):
+    ctx = request.app.state.ctx
+    account = _account(request, account_id)
+    registry = ctx.engine.registry
+    removed = await asyncio.to_thread(_finetune_call, ctx.store.delete, account, finetune,
+                                      in_use=lambda fid: registry.is_registered(fid) and registry.in_flight(
+                                          registry.resolve(fid)) > 0)
+    if registry.is_registered(removed.id):
+        try:
+            registry.unregister(removed.id)
+        except AdapterInUseError:
+            pass   # a request got it just before the delete: it finishes; no new one can find it
+    return envelope(removed.to_api())

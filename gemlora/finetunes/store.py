@@ -1,0 +1,579 @@
+"""FinetuneStore: each account's fine-tunes (Workers AI's "finetunes"), their metadata and adapter files.
+
+Owns the finetunes of every account: metadata (id, name, model, description, public, timestamps, the
+validated adapter's summary) and asset records in SQLite (`<data_dir>/finetunes.sqlite3`, WAL), and the
+two adapter files of each in `<data_dir>/finetunes/<id>/`. Plus, read-only, the operator's public
+adapters (`public_dir`, one subfolder each). Crash-safe by construction:
+
+- which assets a finetune has is decided by the files on disk, never by the database, so a crash
+  between writing a file and recording it loses nothing (the record is re-created on startup);
+- an upload streams into a temp file in the finetune's folder, is fsynced, then `os.replace`d to its
+  final name (and the folder fsynced): a file under a final name is always complete; `recover()`
+  deletes the temp files a crash left;
+- a delete first renames the folder to a trash name (the commit point), then drops the rows and the
+  files; `recover()` finishes any delete a crash interrupted, so a half-deleted adapter is never seen;
+- an adapter is validated once both files are present; one the crash left unvalidated is validated
+  on startup.
+
+Thread-safe (the HTTP server calls it from a thread pool): one SQLite connection per call, write
+transactions are BEGIN IMMEDIATE, and a lock per finetune orders its uploads and its delete.
+
+Must not know HTTP, the engine, slots or requests: validation (`validate(folder) -> summary`) and
+"is it in use" (`delete(..., in_use=)`) are injected; errors carry the Workers AI code and HTTP status
+for the HTTP layer to put in its envelope.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+CONFIG_NAME, WEIGHTS_NAME = ASSET_NAMES
+BUCKET_NAME = "gemlora-finetunes"        # Asset.bucket_name: Workers AI names its R2 bucket there
+PUBLIC_ACCOUNT = "public"                 # account_id of the public_dir adapters
+PUBLIC_NAMESPACE = uuid.UUID("6f1c3b0e-5a3d-5c8e-9f57-2f0c4a1d9e11")   # uuid5 namespace of public_dir ids
+RESERVED_PREFIX = "cf-"                   # Workers AI reserves cf-public-*; we reserve all of cf-
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CHUNK = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20                # a PEFT adapter_config.json is a few KB
+_TEMP_PREFIX, _TEMP_SUFFIX = ".upload-", ".tmp"
+_TRASH_PREFIX = ".trash-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS finetunes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    description TEXT NOT NULL,
+    public INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    modified_at TEXT NOT NULL,
+    summary TEXT,
+    UNIQUE (account_id, name)
+);
+CREATE INDEX IF NOT EXISTS finetunes_public ON finetunes (public) WHERE public = 1;
+CREATE TABLE IF NOT EXISTS assets (
+    id TEXT PRIMARY KEY,
+    finetune_id TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    modified_at TEXT NOT NULL,
+    UNIQUE (finetune_id, file_name)
+);
+"""
+
+
+class FinetuneError(Exception):
+    """A refused finetune operation: Workers AI error `code`, HTTP `status` and a message for the user."""
+
+    def __init__(self, code: int, status: int, message: str):
+        super().__init__(message)
+        self.code, self.status, self.message = code, status, message
+
+    def __repr__(self) -> str:
+        return f"FinetuneError({self.code}, {self.status}, {self.message!r})"
+
+
+def not_found(what: str) -> FinetuneError:
+    return FinetuneError(3037, 404, f"Finetune {what} not found")
+
+
+def missing_files() -> FinetuneError:
+    return FinetuneError(3039, 400, "Finetune is missing required files (model.safetensors and config.json)")
+
+
+def bad_input(message: str) -> FinetuneError:
+    return FinetuneError(5006, 400, message)
+
+
+def too_large(message: str) -> FinetuneError:
+    return FinetuneError(3006, 413, f"Request is too large: {message}")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    id: str
+    account_id: str
+    name: str
+    model: str
+    description: str
+    public: bool
+    created_at: str
+    modified_at: str
+    assets: frozenset[str]
+    path: Path
+    summary: str | None
+
+    @property
+    def ready(self) -> bool:
+        return self.assets == frozenset(ASSET_NAMES) and self.summary is not None
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "name": self.name, "model": self.model, "description": self.description,
+                "public": self.public, "created_at": self.created_at, "modified_at": self.modified_at}
+
+
+@dataclass(frozen=True)
+class Asset:
+    id: str
+    finetune_id: str
+    file_name: str
+    bucket_name: str
+    created_at: str
+    modified_at: str
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "bucket_name": self.bucket_name, "created_at": self.created_at,
+                "file_name": self.file_name, "finetune_id": self.finetune_id, "modified_at": self.modified_at}
+
+
+def now_iso() -> str:
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mtime_iso(path: Path) -> str:
+    return _iso(datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FinetuneStore:
+    def __init__(self, data_dir: Path, *, validate: Callable[[Path], str], max_file_bytes: int = 300 * 2**20,
+                 max_per_account: int = 30, public_dir: Path | None = None, public_model: str | None = None):
+        """`validate(folder)` returns the adapter's summary or raises AdapterError/ValueError to refuse it.
+        `public_model` is the model the public_dir adapters report (default: their config's
+        base_model_name_or_path, else "")."""
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / "finetunes"
+        self.db_path = self.data_dir / "finetunes.sqlite3"
+        self.validate = validate
+        self.max_file_bytes, self.max_per_account = max_file_bytes, max_per_account
+        self.public_dir = Path(public_dir) if public_dir is not None else None
+        self.public_model = public_model
+        self._lock = threading.Lock()                       # guards the two dicts below
+        self._finetune_locks: dict[str, threading.Lock] = {}
+        self._uploading: set[tuple[str, str]] = set()       # (finetune id, file name) being streamed
+        self._public: dict[str, Finetune] = {}              # public_dir adapters by id
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+        self.recover()
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def create(self, account_id: str, *, model: str, name: str, description: str = "",
+               public: bool = False) -> Finetune:
+        _check_name(name)
+        if not isinstance(model, str) or not model:
+            raise bad_input("'model' must be a non-empty string")
+        if not isinstance(description, str) or not isinstance(public, bool):
+            raise bad_input("'description' must be a string and 'public' a boolean")
+        fid, ts = str(uuid.uuid4()), now_iso()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM finetunes WHERE account_id = ? AND name = ?", (account_id, name)).fetchone():
+                raise bad_input(f"a finetune named {name!r} already exists in this account; names are unique "
+                                "per account")
+            (count,) = db.execute("SELECT COUNT(*) FROM finetunes WHERE account_id = ?", (account_id,)).fetchone()
+            if count >= self.max_per_account:
+                raise bad_input(f"this account has reached its limit of {self.max_per_account} finetunes; delete "
+                                "one (DELETE /accounts/{account_id}/ai/finetunes/{id}) to create another")
+            db.execute("INSERT INTO finetunes (id, account_id, name, model, description, public, created_at, "
+                       "modified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (fid, account_id, name, model, description, int(public), ts, ts))
+        # after the commit: a crash before this mkdir leaves a row without a folder, which recover() mends
+        (self.root / fid).mkdir(exist_ok=True)
+        _fsync_dir(self.root)
+        return self._row_to_finetune(self._row(fid))
+
+    def list(self, account_id: str) -> list[Finetune]:
+        """The account's own finetunes, oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM finetunes WHERE account_id = ? ORDER BY seq", (account_id,)).fetchall()
+        return [self._row_to_finetune(r) for r in rows]
+
+    def list_public(self) -> list[Finetune]:
+        """The public_dir adapters (by name), then the public finetunes of every account, oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM finetunes WHERE public = 1 ORDER BY seq").fetchall()
+        return sorted(self._public.values(), key=lambda f: f.name) + [self._row_to_finetune(r) for r in rows]
+
+    def get(self, account_id: str, id_or_name: str) -> Finetune:
+        """The account's own finetune with this id or name; else a public one: a public_dir adapter by id
+        or name, another account's public finetune by id only (names are unique per account only)."""
+        with self._db() as db:
+            row = self._own_row(db, account_id, id_or_name)
+            if row is None:
+                row = db.execute("SELECT * FROM finetunes WHERE id = ? AND public = 1", (id_or_name,)).fetchone()
+        if row is not None:
+            return self._row_to_finetune(row)
+        public = self._public.get(id_or_name) or next(
+            (f for f in self._public.values() if f.name == id_or_name), None)
+        if public is None:
+            raise not_found(id_or_name)
+        return public
+
+    def get_assets(self, account_id: str, id_or_name: str) -> list[Asset]:
+        """The asset records of a finetune get() finds (files present on disk only), in ASSET_NAMES order."""
+        f = self.get(account_id, id_or_name)
+        if f.account_id == PUBLIC_ACCOUNT and f.id in self._public:
+            return [Asset(str(uuid.uuid5(PUBLIC_NAMESPACE, f"{f.name}/{n}")), f.id, n, BUCKET_NAME,
+                          f.created_at, f.modified_at) for n in ASSET_NAMES]
+        with self._db() as db:
+            rows = {r["file_name"]: r for r in
+                    db.execute("SELECT * FROM assets WHERE finetune_id = ?", (f.id,)).fetchall()}
+        return [_row_to_asset(rows[n]) for n in ASSET_NAMES if n in f.assets and n in rows]
+
+    # ---- uploads -------------------------------------------------------------------------------
+
+    def put_asset(self, account_id: str, id_or_name: str, file_name: str,
+                  data: BinaryIO | bytes) -> tuple[Finetune, Asset]:
+        """Stores one of the two files of the account's own finetune; validates the adapter once both are
+        there. Assets cannot be replaced (as in Workers AI): a refused adapter loses the file just sent."""
+        if file_name not in ASSET_NAMES:
+            raise bad_input(f"file_name {file_name!r} is not accepted; it must be one of "
+                            f"{' or '.join(ASSET_NAMES)}")
+        with self._db() as db:
+            row = self._own_row(db, account_id, id_or_name)
+        if row is None:
+            raise not_found(id_or_name)
+        fid, name = row["id"], row["name"]
+        folder, final = self.root / fid, self.root / fid / file_name
+        with self._lock:
+            if (fid, file_name) in self._uploading:
+                raise bad_input(f"an upload of {file_name} to finetune {name} is already in progress")
+            if final.exists():
+                raise _already_uploaded(file_name, name)
+            self._uploading.add((fid, file_name))
+        tmp = folder / f"{_TEMP_PREFIX}{file_name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
+        try:
+            self._receive(tmp, data, file_name, id_or_name)
+            with self._finetune_lock(fid):
+                return self._commit(fid, name, file_name, tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._uploading.discard((fid, file_name))
+
+    def _receive(self, tmp: Path, data: BinaryIO | bytes, file_name: str, id_or_name: str) -> None:
+        """Streams `data` into `tmp` (fsynced), refusing it past max_file_bytes, then checks its format."""
+        stream: Any = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        try:
+            out = open(tmp, "xb")
+        except FileNotFoundError:   # the folder went: deleted while we were resolving it
+            raise not_found(id_or_name) from None
+        size = 0
+        with out:
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if size > self.max_file_bytes:
+                    raise too_large(f"{file_name} is larger than the limit of {self.max_file_bytes} bytes "
+                                    f"({self.max_file_bytes / 2**20:g} MiB)")
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        _check_format(tmp, file_name, size)
+
+    def _commit(self, fid: str, name: str, file_name: str, tmp: Path, final: Path) -> tuple[Finetune, Asset]:
+        """Under the finetune's lock: publish the file, record it, validate if complete."""
+        folder = final.parent
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM finetunes WHERE id = ?", (fid,)).fetchone() is None:
+                raise not_found(name)   # deleted while the file was streaming
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        ts = now_iso()
+        with self._tx() as db:
+            db.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (fid, file_name))
+            db.execute("INSERT INTO assets (id, finetune_id, file_name, created_at, modified_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (str(uuid.uuid4()), fid, file_name, ts, ts))
+            db.execute("UPDATE finetunes SET modified_at = ? WHERE id = ?", (ts, fid))
+        if all((folder / n).is_file() for n in ASSET_NAMES):
+            try:
+                summary = str(self.validate(folder))
+            except Exception as exc:
+                self._drop_asset(fid, final)
+                if isinstance(exc, ValueError):
+                    other = next(n for n in ASSET_NAMES if n != file_name)
+                    raise bad_input(f"adapter refused: {_scrub(str(exc), folder, name)} ({file_name} was not "
+                                    f"kept: upload a corrected one; if {other} is at fault, create a new "
+                                    "finetune, since assets cannot be replaced)") from None
+                raise
+            with self._tx() as db:
+                db.execute("UPDATE finetunes SET summary = ?, modified_at = ? WHERE id = ?",
+                           (summary, now_iso(), fid))
+        finetune = self._row_to_finetune(self._row(fid))
+        with self._db() as db:
+            asset = db.execute("SELECT * FROM assets WHERE finetune_id = ? AND file_name = ?",
+                               (fid, file_name)).fetchone()
+        return finetune, _row_to_asset(asset)
+
+    def _drop_asset(self, fid: str, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        with self._tx() as db:
+            db.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (fid, path.name))
+            db.execute("UPDATE finetunes SET summary = NULL, modified_at = ? WHERE id = ?", (now_iso(), fid))
+
+    # ---- delete --------------------------------------------------------------------------------
+
+    def delete(self, account_id: str, id_or_name: str, *,
+               in_use: Callable[[str], bool] = lambda fid: False) -> Finetune:
+        """Deletes the account's own finetune unless `in_use(id)` (a bool, or a count of requests)."""
+        with self._db() as db:
+            row = self._own_row(db, account_id, id_or_name)
+        if row is None:
+            raise not_found(id_or_name)
+        fid = row["id"]
+        with self._finetune_lock(fid):
+            row = self._row(fid)
+            if row is None:   # a concurrent delete won
+                raise not_found(id_or_name)
+            finetune = self._row_to_finetune(row)
+            busy = in_use(fid)
+            if busy:
+                n = (f"{busy} request{'s' if busy != 1 else ''}" if type(busy) is int
+                     else "requests in flight")
+                raise bad_input(f"finetune {finetune.name} is in use by {n}; retry when they finish")
+            folder, trash = self.root / fid, self.root / f"{_TRASH_PREFIX}{fid}.{uuid.uuid4().hex}"
+            if folder.exists():
+                os.rename(folder, trash)     # the commit point: recover() finishes the rest after a crash
+                _fsync_dir(self.root)
+            self._forget(fid)
+            shutil.rmtree(trash, ignore_errors=True)
+        with self._lock:
+            self._finetune_locks.pop(fid, None)
+        return finetune
+
+    def _forget(self, fid: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM assets WHERE finetune_id = ?", (fid,))
+            db.execute("DELETE FROM finetunes WHERE id = ?", (fid,))
+
+    # ---- startup -------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Mends what a crash can leave: finishes interrupted deletes, removes temp files of uploads,
+        re-creates missing asset records (the files decide), validates complete but unvalidated
+        adapters, and (re)loads the public_dir adapters."""
+        with self._db() as db:
+            ids = {r["id"] for r in db.execute("SELECT id FROM finetunes").fetchall()}
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(_TRASH_PREFIX):
+                fid = entry.name[len(_TRASH_PREFIX):].split(".")[0]
+                if fid in ids:
+                    log.info("finishing the interrupted delete of finetune %s", fid)
+                    self._forget(fid)
+                    ids.discard(fid)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and entry.name not in ids:
+                if not any((entry / n).exists() for n in ASSET_NAMES):
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    log.warning("finetune folder %s has adapter files but no database record; left alone", entry)
+        for fid in sorted(ids):
+            self._recover_one(fid)
+        self._public = self._scan_public()
+
+    def _recover_one(self, fid: str) -> None:
+        folder = self.root / fid
+        folder.mkdir(exist_ok=True)
+        for tmp in folder.glob(f"{_TEMP_PREFIX}*"):
+            log.info("removing %s, left by an interrupted upload", tmp)
+            tmp.unlink(missing_ok=True)
+        present = [n for n in ASSET_NAMES if (folder / n).is_file()]
+        with self._tx() as db:
+            recorded = {r["file_name"] for r in
+                        db.execute("SELECT file_name FROM assets WHERE finetune_id = ?", (fid,)).fetchall()}
+            for n in recorded - set(present):
+                db.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (fid, n))
+            for n in set(present) - recorded:
+                ts = _mtime_iso(folder / n)
+                db.execute("INSERT INTO assets (id, finetune_id, file_name, created_at, modified_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (str(uuid.uuid4()), fid, n, ts, ts))
+            if len(present) < len(ASSET_NAMES):
+                db.execute("UPDATE finetunes SET summary = NULL WHERE id = ? AND summary IS NOT NULL", (fid,))
+        row = self._row(fid)
+        if len(present) < len(ASSET_NAMES) or row["summary"] is not None:
+            return
+        try:
+            summary = str(self.validate(folder))
+        except ValueError as exc:
+            # as put_asset would have done: drop the file written last, so a corrected one can be sent
+            newest = max((folder / n for n in ASSET_NAMES), key=lambda p: p.stat().st_mtime_ns)
+            log.warning("finetune %s (%s): adapter refused on recovery, removing %s: %s", row["name"], fid,
+                        newest.name, exc)
+            self._drop_asset(fid, newest)
+            return
+        except Exception:   # not a refusal (e.g. an I/O error): keep the files, try again next startup
+            log.exception("finetune %s (%s): could not validate its adapter; it stays unready", row["name"], fid)
+            return
+        with self._tx() as db:
+            db.execute("UPDATE finetunes SET summary = ? WHERE id = ?", (summary, fid))
+
+    def _scan_public(self) -> dict[str, Finetune]:
+        if self.public_dir is None:
+            return {}
+        if not self.public_dir.is_dir():
+            log.warning("public adapters folder %s does not exist", self.public_dir)
+            return {}
+        public = {}
+        for folder in sorted(self.public_dir.iterdir()):
+            if folder.name.startswith(".") or not all((folder / n).is_file() for n in ASSET_NAMES):
+                continue
+            try:
+                summary = str(self.validate(folder))
+            except Exception as exc:
+                log.warning("public adapter %s skipped: %s", folder, exc)
+                continue
+            model = self.public_model
+            if model is None:
+                try:
+                    model = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get(
+                        "base_model_name_or_path") or ""
+                except (OSError, ValueError, AttributeError):
+                    model = ""
+            ts = _mtime_iso(folder / WEIGHTS_NAME)
+            fid = str(uuid.uuid5(PUBLIC_NAMESPACE, folder.name))
+            public[fid] = Finetune(id=fid, account_id=PUBLIC_ACCOUNT, name=folder.name, model=str(model),
+                                   description="", public=True, created_at=ts, modified_at=ts,
+                                   assets=frozenset(ASSET_NAMES), path=folder, summary=summary)
+            log.info("public adapter %s (%s): %s", folder.name, fid, summary)
+        return public
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _finetune_lock(self, fid: str) -> threading.Lock:
+        with self._lock:
+            return self._finetune_locks.setdefault(fid, threading.Lock())
+
+    def _row(self, fid: str) -> sqlite3.Row | None:
+        with self._db() as db:
+            return db.execute("SELECT * FROM finetunes WHERE id = ?", (fid,)).fetchone()
+
+    @staticmethod
+    def _own_row(db: sqlite3.Connection, account_id: str, id_or_name: str) -> sqlite3.Row | None:
+        """By id first, then by name."""
+        return db.execute("SELECT * FROM finetunes WHERE account_id = ? AND (id = ? OR name = ?) "
+                          "ORDER BY id = ? DESC LIMIT 1", (account_id, id_or_name, id_or_name, id_or_name)).fetchone()
+
+    def _row_to_finetune(self, row: sqlite3.Row) -> Finetune:
+        path = self.root / row["id"]
+        return Finetune(id=row["id"], account_id=row["account_id"], name=row["name"], model=row["model"],
+                        description=row["description"], public=bool(row["public"]), created_at=row["created_at"],
+                        modified_at=row["modified_at"],
+                        assets=frozenset(n for n in ASSET_NAMES if (path / n).is_file()),
+                        path=path, summary=row["summary"])
+
+
+def _row_to_asset(row: sqlite3.Row) -> Asset:
+    return Asset(id=row["id"], finetune_id=row["finetune_id"], file_name=row["file_name"], bucket_name=BUCKET_NAME,
+                 created_at=row["created_at"], modified_at=row["modified_at"])
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise bad_input(f"name {name!r} is not valid: use 1 to 64 letters, digits, '-', '_' or '.'")
+    if name.lower().startswith(RESERVED_PREFIX):
+        raise bad_input(f"name {name!r} is not valid: the prefix {RESERVED_PREFIX!r} is reserved")
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return
+    raise bad_input(f"name {name!r} is not valid: a name cannot look like a finetune id (a UUID)")
+
+
+def _already_uploaded(file_name: str, name: str) -> FinetuneError:
+    return bad_input(f"{file_name} was already uploaded to finetune {name}; assets cannot be replaced; "
+                     "create a new finetune")
+
+
+def _check_format(path: Path, file_name: str, size: int) -> None:
+    """Cheap format checks before a file is kept: a broken first file could never be replaced, and the
+    adapter is only validated once the second arrives."""
+    if size == 0:
+        raise bad_input(f"{file_name} is empty")
+    if file_name == CONFIG_NAME:
+        if size > MAX_CONFIG_BYTES:
+            raise bad_input(f"{file_name} is {size} bytes; a PEFT adapter config is a few KB "
+                            f"(limit {MAX_CONFIG_BYTES} bytes)")
+        try:
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad_input(f"{file_name} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise bad_input(f"{file_name} must hold a JSON object (a PEFT LoraConfig)")
+        return
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise bad_input(f"{file_name} looks like a PyTorch pickle, which is refused; re-save the adapter with "
+                            "save_pretrained(..., safe_serialization=True)")
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 * 2**20):
+            raise bad_input(f"{file_name} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            raise bad_input(f"{file_name} is not a safetensors file (its header is not a JSON object)")
+
+
+def _scrub(message: str, folder: Path, name: str) -> str:
+    """The validator's message without our server's paths."""
+    return message.replace(f"{folder}{os.sep}", "").replace(str(folder), f"finetune {name}")

@@ -1,0 +1,479 @@
+"""Request parsing of both dialects and the error envelopes: pure, fast, no engine and no HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from gemlora.api.errors import (ApiError, auth_error, bad_input, context_window, finetune_missing_files,
+                                finetune_not_found, no_such_model, request_too_large)
+from gemlora.api.schemas import GenerateRequest, parse_chat_completion, parse_completion, parse_run_body
+from gemlora.sampling import SamplingParams
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def body(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def run_error(obj, **kw) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse_run_body(obj if isinstance(obj, bytes) else body(obj), **kw)
+    err = info.value
+    assert (err.code, err.status) == (5006, 400)
+    assert err.message.startswith("AiError: Bad input: ")
+    return err
+
+
+def run_message(obj, **kw) -> str:
+    return run_error(obj, **kw).message.removeprefix("AiError: Bad input: ")
+
+
+def openai_error(parse, obj) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse(obj if isinstance(obj, bytes) else body(obj))
+    err = info.value
+    assert (err.code, err.status) == (5006, 400)
+    return err
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers AI run bodies: the valid branches
+
+
+def test_prompt_branch_with_defaults():
+    req = parse_run_body(body({"prompt": "Tell me a joke"}))
+    assert req == GenerateRequest(prompt="Tell me a joke", messages=None, raw=False, stream=False,
+                                  params=SamplingParams(max_tokens=256, temperature=0.6), lora=None)
+    assert req.lora_scale == 1.0 and req.include_usage is True
+    assert req.params.top_p == 1.0 and req.params.top_k is None and req.params.seed is None
+
+
+def test_messages_branch_with_defaults_and_every_role():
+    msgs = [{"role": r, "content": f"c-{r}"} for r in ("system", "user", "assistant", "model", "user")]
+    req = parse_run_body(body({"messages": msgs}))
+    assert req.prompt is None and req.messages == tuple(msgs)
+    assert req.raw is False and req.stream is False and req.lora is None
+    assert req.params.max_tokens == 256 and req.params.temperature == 0.6
+
+
+def test_every_option_is_carried_into_sampling_params():
+    req = parse_run_body(body({"prompt": "p", "raw": True, "stream": True, "max_tokens": 7, "temperature": 0,
+                               "top_p": 0.5, "top_k": 3, "seed": 42, "repetition_penalty": 1.2,
+                               "frequency_penalty": 0.5, "presence_penalty": 2, "lora": "my-ft", "lora_scale": 0.5}))
+    assert req.raw is True and req.stream is True and req.lora == "my-ft" and req.lora_scale == 0.5
+    assert req.params == SamplingParams(max_tokens=7, temperature=0, top_p=0.5, top_k=3, seed=42,
+                                        repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=2)
+
+
+def test_message_items_keep_only_role_and_content_and_unknown_keys_pass():
+    req = parse_run_body(body({"messages": [{"role": "user", "content": "hi", "name": "x"}],
+                               "options": {"rejectIfBusy": True}, "response_format": {"type": "json_object"}}))
+    assert req.messages == ({"role": "user", "content": "hi"},)
+
+
+@pytest.mark.parametrize("extra", [{"prompt": "hi"}, {"messages": USER}])
+def test_lora_is_accepted_on_both_branches(extra):
+    req = parse_run_body(body({**extra, "lora": "3dd75f75-ef0e-4d1d-9d0a-4e5c0a6e0a11"}))
+    assert req.lora == "3dd75f75-ef0e-4d1d-9d0a-4e5c0a6e0a11"
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), ("true", True), ("false", False)])
+def test_raw_accepts_booleans_and_the_docs_strings(value, expected):
+    assert parse_run_body(body({"prompt": "hi", "raw": value})).raw is expected
+
+
+def test_raw_is_ignored_with_messages():
+    # Cloudflare's LoRA docs send messages + "raw": "true" + lora: messages are templated anyway.
+    req = parse_run_body(body({"messages": USER, "raw": "true", "lora": "ft"}))
+    assert req.raw is False and req.messages == tuple(USER)
+
+
+def test_raw_other_strings_are_type_errors():
+    assert run_message({"prompt": "hi", "raw": "yes"}) == "Type mismatch of '/raw', 'string' not in 'boolean'"
+    assert run_message({"prompt": "hi", "raw": 1}) == "Type mismatch of '/raw', 'integer' not in 'boolean'"
+
+
+def test_body_is_json_whatever_it_looks_like():
+    # What `curl -d` sends (form-urlencoded content type); the body is parsed as JSON, never form-decoded.
+    raw = b'{"prompt":"a+b%20c&d=e","max_tokens":3}'
+    req = parse_run_body(raw)
+    assert req.prompt == "a+b%20c&d=e" and req.params.max_tokens == 3
+
+
+def test_integral_floats_are_integers():
+    # JSON has one number type: 5.0 is an integer to JSON Schema and to JavaScript.
+    req = parse_run_body(body({"prompt": "hi", "max_tokens": 5.0, "top_k": 3.0, "seed": 7.0}))
+    assert req.params.max_tokens == 5 and isinstance(req.params.max_tokens, int)
+    assert req.params.top_k == 3 and req.params.seed == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers AI run bodies: errors
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"prompt=hi", b"[1, 2]", b'"hi"', b"null", b"3",
+                                 b"\xff\xfe", b'{"prompt": "hi"', b'{"prompt": "hi", "temperature": NaN}'])
+def test_not_a_json_object(raw):
+    err = run_error(raw)
+    assert err.message == "AiError: Bad input: the body is not a JSON object"
+
+
+def test_neither_prompt_nor_messages():
+    assert run_message({"max_tokens": 5}) == ("Error: oneOf at '/' not met, 0 matches: required properties at '/' "
+                                              "are 'prompt', required properties at '/' are 'messages'")
+    assert run_message({}).startswith("Error: oneOf at '/' not met, 0 matches")
+
+
+def test_both_prompt_and_messages():
+    msg = run_message({"prompt": "hi", "messages": USER})
+    assert msg.startswith("Error: oneOf at '/' not met, 2 matches")
+    assert "'prompt'" in msg and "'messages'" in msg
+
+
+@pytest.mark.parametrize("obj,message,param", [
+    ({"messages": [{"role": "user", "content": ["x"]}]},
+     "Type mismatch of '/messages/0/content', 'array' not in 'string'", "/messages/0/content"),
+    ({"prompt": "hi", "max_tokens": "5"}, "Type mismatch of '/max_tokens', 'string' not in 'integer'", "/max_tokens"),
+    ({"prompt": "hi", "max_tokens": 5.5}, "Type mismatch of '/max_tokens', 'number' not in 'integer'", "/max_tokens"),
+    ({"prompt": "hi", "temperature": "hot"}, "Type mismatch of '/temperature', 'string' not in 'number'",
+     "/temperature"),
+    ({"prompt": "hi", "temperature": True}, "Type mismatch of '/temperature', 'boolean' not in 'number'",
+     "/temperature"),
+    ({"prompt": "hi", "top_k": None}, "Type mismatch of '/top_k', 'null' not in 'integer'", "/top_k"),
+    ({"prompt": "hi", "stream": "true"}, "Type mismatch of '/stream', 'string' not in 'boolean'", "/stream"),
+    ({"prompt": 5}, "Type mismatch of '/prompt', 'integer' not in 'string'", "/prompt"),
+    ({"prompt": None}, "Type mismatch of '/prompt', 'null' not in 'string'", "/prompt"),
+    ({"prompt": "hi", "lora": 3}, "Type mismatch of '/lora', 'integer' not in 'string'", "/lora"),
+    ({"prompt": "hi", "lora": ""}, "'/lora' must NOT have fewer than 1 characters", "/lora"),
+    ({"messages": "hi"}, "Type mismatch of '/messages', 'string' not in 'array'", "/messages"),
+    ({"messages": ["hi"]}, "Type mismatch of '/messages/0', 'string' not in 'object'", "/messages/0"),
+    ({"messages": []}, "'/messages' must NOT have fewer than 1 items", "/messages"),
+    ({"messages": [{"role": "user"}]}, "required properties at '/messages/0' are 'content'", "/messages/0/content"),
+    ({"messages": [{"content": "x"}]}, "required properties at '/messages/0' are 'role'", "/messages/0/role"),
+    ({"messages": [{"role": 1, "content": "x"}]}, "Type mismatch of '/messages/0/role', 'integer' not in 'string'",
+     "/messages/0/role"),
+])
+def test_type_errors_name_the_field(obj, message, param):
+    err = run_error(obj)
+    assert err.message == f"AiError: Bad input: {message}" and err.param == param
+
+
+@pytest.mark.parametrize("role", ["tool", "function", "bot", "User", ""])
+def test_bad_role(role):
+    msgs = [{"role": "user", "content": "a"}, {"role": role, "content": "b"}]
+    err = run_error({"messages": msgs})
+    assert err.param == "/messages/1/role"
+    assert err.message == ("AiError: Bad input: '/messages/1/role' must be one of "
+                           "'system', 'user', 'assistant', 'model'")
+
+
+@pytest.mark.parametrize("field,ok,bad,message", [
+    ("temperature", [0, 0.6, 5], [5.01, -0.1], None),
+    ("top_p", [0, 1, 2], [2.01, -0.01], None),
+    ("top_k", [1, 50], [0, 51], None),
+    ("seed", [1, 9_999_999_999], [0, 10_000_000_000, -5], None),
+    ("repetition_penalty", [0.01, 1, 2], [0, 2.01, -1], None),
+    ("frequency_penalty", [0, 2], [-0.01, 2.01], None),
+    ("presence_penalty", [0, 2], [-0.01, 2.01], None),
+    ("lora_scale", [0, 1, 10], [-0.1, 10.5], None),
+    ("max_tokens", [1, 256, 100_000], [0, -1], None),
+])
+def test_ranges_and_their_boundaries(field, ok, bad, message):
+    for value in ok:
+        req = parse_run_body(body({"prompt": "hi", field: value}))
+        got = req.lora_scale if field == "lora_scale" else getattr(req.params, field)
+        assert got == value
+    for value in bad:
+        err = run_error({"prompt": "hi", field: value})
+        assert err.param == f"/{field}" and f"'/{field}' must" in err.message, err.message
+
+
+@pytest.mark.parametrize("obj,message", [
+    ({"prompt": "hi", "top_k": 51}, "'/top_k' must be <= 50"),
+    ({"prompt": "hi", "top_k": 0}, "'/top_k' must be >= 1"),
+    ({"prompt": "hi", "temperature": 5.01}, "'/temperature' must be <= 5"),
+    ({"prompt": "hi", "seed": 0}, "'/seed' must be >= 1"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "'/repetition_penalty' must be > 0"),
+    ({"prompt": "hi", "lora_scale": 11}, "'/lora_scale' must be <= 10"),
+    ({"messages": USER, "top_p": 3}, "'/top_p' must be <= 2"),
+])
+def test_range_messages_are_workers_ai_style(obj, message):
+    assert run_message(obj) == message
+
+
+def test_overflowing_numbers_are_out_of_range():
+    # 1e400 parses as infinity (JSON has no such literal, so NaN / Infinity are not JSON at all).
+    assert run_message(b'{"prompt": "hi", "temperature": 1e400}') == "'/temperature' must be <= 5"
+    assert run_message(b'{"prompt": "hi", "top_k": 1e400}') == "Type mismatch of '/top_k', 'number' not in 'integer'"
+    assert run_message(b'{"prompt": "hi", "top_k": 1e20}') == "'/top_k' must be <= 50"
+
+
+def test_prompt_length():
+    assert parse_run_body(body({"prompt": "x" * 4096})).prompt == "x" * 4096
+    err = run_error({"prompt": "x" * 4097})
+    assert err.message == "AiError: Bad input: '/prompt' must NOT have more than 4096 characters"
+    assert err.param == "/prompt"
+    assert run_message({"prompt": ""}) == "'/prompt' must NOT have fewer than 1 characters"
+
+
+def test_message_content_length():
+    ok = [{"role": "user", "content": "x" * 4096}]
+    assert parse_run_body(body({"messages": ok})).messages[0]["content"] == "x" * 4096
+    bad = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y" * 4097}]
+    err = run_error({"messages": bad})
+    assert err.message == "AiError: Bad input: '/messages/1/content' must NOT have more than 4096 characters"
+
+
+def test_max_length_is_a_setting():
+    assert parse_run_body(body({"prompt": "x" * 5000}), max_length=None).prompt == "x" * 5000
+    assert parse_run_body(body({"prompt": "x" * 10}), max_length=10)
+    assert run_message({"prompt": "x" * 11}, max_length=10) == "'/prompt' must NOT have more than 10 characters"
+    msgs = [{"role": "user", "content": "x" * 11}]
+    assert "'/messages/0/content' must NOT have more than 10" in run_message({"messages": msgs}, max_length=10)
+
+
+def test_generate_request_needs_exactly_one_input():
+    with pytest.raises(ValueError):
+        GenerateRequest(prompt=None, messages=None, raw=False, stream=False, params=SamplingParams(), lora=None)
+    req = parse_run_body(body({"prompt": "hi"}))
+    assert GenerateRequest(**{**req.__dict__, "lora": "x"}).lora == "x"
+    assert dataclasses.replace(req, stream=True).stream is True
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI bodies
+
+
+def test_chat_completion_defaults():
+    model, req = parse_chat_completion(body({"model": "@cf/google/gemma-7b-it-lora", "messages": USER}))
+    assert model == "@cf/google/gemma-7b-it-lora"
+    assert req.messages == tuple(USER) and req.prompt is None and req.raw is False
+    assert req.params == SamplingParams(max_tokens=256, temperature=1.0)
+    assert req.stream is False and req.include_usage is False and req.lora is None and req.lora_scale == 1.0
+
+
+def test_chat_completion_every_option():
+    model, req = parse_chat_completion(body({
+        "model": "m", "messages": [{"role": "developer", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 9, "temperature": 0.2, "top_p": 0.9, "top_k": 5, "seed": 3,
+        "frequency_penalty": 0.1, "presence_penalty": 0.2, "repetition_penalty": 1.1, "stop": ["x", "y"],
+        "stream": True, "stream_options": {"include_usage": True}, "n": 1, "lora": "ft", "lora_scale": 2,
+        "user": "someone", "logprobs": False, "tools": [], "response_format": {"type": "text"}}))
+    assert req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"})
+    assert req.params == SamplingParams(max_tokens=9, temperature=0.2, top_p=0.9, top_k=5, seed=3,
+                                        frequency_penalty=0.1, presence_penalty=0.2, repetition_penalty=1.1,
+                                        stop=("x", "y"))
+    assert req.stream and req.include_usage and req.lora == "ft" and req.lora_scale == 2
+
+
+def test_openai_nulls_mean_absent():
+    _, req = parse_chat_completion(body({"model": "m", "messages": USER, "max_tokens": None, "temperature": None,
+                                         "stop": None, "n": None, "seed": None, "stream": None,
+                                         "stream_options": None, "lora": None}))
+    assert req.params == SamplingParams(max_tokens=256, temperature=1.0) and req.stream is False
+
+
+def test_max_tokens_aliases():
+    _, req = parse_chat_completion(body({"model": "m", "messages": USER, "max_tokens": 12}))
+    assert req.params.max_tokens == 12
+    _, req = parse_chat_completion(body({"model": "m", "messages": USER, "max_tokens": 12,
+                                         "max_completion_tokens": 12}))
+    assert req.params.max_tokens == 12
+    err = openai_error(parse_chat_completion, {"model": "m", "messages": USER, "max_tokens": 1,
+                                               "max_completion_tokens": 2})
+    assert err.param == "max_tokens"
+    err = openai_error(parse_chat_completion, {"model": "m", "messages": USER, "max_completion_tokens": 0})
+    assert err.param == "max_completion_tokens"
+
+
+def test_temperature_accepts_the_workers_ai_range():
+    _, req = parse_chat_completion(body({"model": "m", "messages": USER, "temperature": 5}))
+    assert req.params.temperature == 5
+    err = openai_error(parse_chat_completion, {"model": "m", "messages": USER, "temperature": 5.5})
+    assert err.param == "temperature"
+    assert err.message == "Invalid 'temperature': expected a value <= 5, but got 5.5 instead."
+
+
+def test_completion_defaults_and_prompt_forms():
+    model, req = parse_completion(body({"model": "m", "prompt": "Once upon"}))
+    assert model == "m" and req.prompt == "Once upon" and req.messages is None
+    assert req.raw is True     # completions continue the text as given: no chat template
+    assert req.params == SamplingParams(max_tokens=256, temperature=1.0)
+    assert parse_completion(body({"model": "m", "prompt": ["only one"]}))[1].prompt == "only one"
+    assert parse_completion(body({"model": "m", "prompt": "p", "raw": False}))[1].raw is False
+
+
+@pytest.mark.parametrize("prompt,fragment", [
+    (["a", "b"], "only one prompt per request is supported, got 2"),
+    ([], "only one prompt per request is supported, got 0"),
+    ([1, 2, 3], "token-id prompts are not supported"),
+    ([[1, 2]], "token-id prompts are not supported"),
+    ("", "string too short"),
+    (None, "expected a string, but got null instead"),
+    (7, "expected a string, but got an integer instead"),
+])
+def test_completion_prompt_errors(prompt, fragment):
+    err = openai_error(parse_completion, {"model": "m", "prompt": prompt})
+    assert err.param == "prompt" and fragment in err.message, err.message
+
+
+def test_stop_string_or_list():
+    _, req = parse_completion(body({"model": "m", "prompt": "p", "stop": "\n"}))
+    assert req.params.stop == ("\n",)
+    _, req = parse_completion(body({"model": "m", "prompt": "p", "stop": ["a", "b", "c", "d"]}))
+    assert req.params.stop == ("a", "b", "c", "d")
+    _, req = parse_completion(body({"model": "m", "prompt": "p", "stop": []}))
+    assert req.params.stop == ()
+    for stop in (["a", "b", "c", "d", "e"], [1], 5, {"a": 1}, [""]):
+        err = openai_error(parse_completion, {"model": "m", "prompt": "p", "stop": stop})
+        assert err.param == "stop", stop
+    err = openai_error(parse_completion, {"model": "m", "prompt": "p", "stop": ["a"] * 5})
+    assert err.message == "Invalid 'stop': at most 4 stop sequences are allowed, got 5."
+
+
+@pytest.mark.parametrize("parse,base", [(parse_chat_completion, {"model": "m", "messages": USER}),
+                                        (parse_completion, {"model": "m", "prompt": "p"})])
+def test_n_above_one_is_refused(parse, base):
+    err = openai_error(parse, {**base, "n": 2})
+    assert err.param == "n" and err.message == "Invalid 'n': only n=1 is supported, got 2."
+    assert parse(body({**base, "n": 1}))[1].params.max_tokens == 256
+
+
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+def test_negative_penalties_are_refused(field):
+    err = openai_error(parse_chat_completion, {"model": "m", "messages": USER, field: -0.5})
+    assert err.param == field and "negative values are not supported" in err.message
+    err = openai_error(parse_chat_completion, {"model": "m", "messages": USER, field: 2.5})
+    assert err.param == field and "<= 2" in err.message
+    assert getattr(parse_chat_completion(body({"model": "m", "messages": USER, field: 2}))[1].params, field) == 2
+
+
+@pytest.mark.parametrize("parse,base", [(parse_chat_completion, {"messages": USER}),
+                                        (parse_completion, {"prompt": "p"})])
+def test_model_is_required(parse, base):
+    err = openai_error(parse, base)
+    assert err.param == "model" and err.message == "Missing required parameter: 'model'."
+    for model in (5, None, ""):
+        assert openai_error(parse, {**base, "model": model}).param == "model"
+
+
+@pytest.mark.parametrize("obj,param,message", [
+    ({"model": "m"}, "messages", "Missing required parameter: 'messages'."),
+    ({"model": "m", "messages": []}, "messages", None),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "Invalid type for 'messages[0].content': expected a string, but got an integer instead."),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content", None),
+    ({"model": "m", "messages": USER, "temperature": "hot"}, "temperature",
+     "Invalid type for 'temperature': expected a number, but got a string instead."),
+    ({"model": "m", "messages": USER, "max_tokens": "5"}, "max_tokens", None),
+    ({"model": "m", "messages": USER, "top_k": 51}, "top_k",
+     "Invalid 'top_k': expected a value <= 50, but got 51 instead."),
+    ({"model": "m", "messages": USER, "seed": 0}, "seed", None),
+    ({"model": "m", "messages": USER, "lora_scale": 11}, "lora_scale", None),
+    ({"model": "m", "messages": USER, "stream": "yes"}, "stream", None),
+    ({"model": "m", "messages": USER, "stream_options": {"include_usage": "y"}}, "stream_options.include_usage",
+     None),
+    ({"model": "m", "messages": USER, "logprobs": True}, "logprobs", None),
+    ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+    ({"model": "m", "messages": USER, "response_format": {"type": "json_object"}}, "response_format", None),
+    ({"model": "m", "messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", None),
+])
+def test_openai_chat_errors_name_the_param(obj, param, message):
+    err = openai_error(parse_chat_completion, obj)
+    assert err.param == param, err.message
+    if message is not None:
+        assert err.message == message
+    assert err.openai_body()["error"]["param"] == param
+
+
+def test_openai_completion_only_options_are_refused():
+    for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"logprobs": 2}):
+        err = openai_error(parse_completion, {"model": "m", "prompt": "p", **extra})
+        assert err.param == next(iter(extra))
+
+
+@pytest.mark.parametrize("raw", [b"", b"nope", b"[]", b'"x"'])
+def test_openai_not_a_json_object(raw):
+    for parse in (parse_chat_completion, parse_completion):
+        err = openai_error(parse, raw)
+        assert err.param is None and "not a JSON object" in err.openai_body()["error"]["message"]
+
+
+def test_openai_content_length_cap_is_optional():
+    long = [{"role": "user", "content": "x" * 10_000}]
+    assert parse_chat_completion(body({"model": "m", "messages": long}))[1].messages == tuple(long)
+    with pytest.raises(ApiError) as info:
+        parse_chat_completion(body({"model": "m", "messages": long}), max_length=4096)
+    assert info.value.param == "messages[0].content"
+
+
+# --------------------------------------------------------------------------------------------------
+# Error envelopes
+
+
+def test_workers_ai_envelope_exact_shape():
+    err = bad_input("'/top_k' must be <= 50", "/top_k")
+    assert err.workers_ai_body() == {
+        "result": {}, "success": False, "messages": [],
+        "errors": [{"code": 5006, "message": "AiError: Bad input: '/top_k' must be <= 50"}]}
+    assert json.loads(json.dumps(err.workers_ai_body())) == err.workers_ai_body()
+
+
+def test_workers_ai_envelope_with_request_id():
+    err = finetune_not_found("3dd75f75")
+    assert err.workers_ai_body("63371b53")["errors"] == [
+        {"code": 3037, "message": "AiError: AiError: Finetune 3dd75f75 not found (63371b53)"}]
+    # Generic Cloudflare errors never carry the request id.
+    assert auth_error().workers_ai_body("63371b53")["errors"] == [{"code": 10000, "message": "Authentication error"}]
+
+
+def test_openai_envelope_exact_shape():
+    err = ApiError(5006, 400, "Invalid 'n': only n=1 is supported, got 2.", param="n")
+    assert err.openai_body() == {"error": {"message": "Invalid 'n': only n=1 is supported, got 2.",
+                                           "type": "invalid_request_error", "param": "n", "code": "5006"}}
+    assert context_window(4000, 3500).openai_body() == {"error": {
+        "message": "The estimated number of input and maximum output tokens (4000) exceeded this model context "
+                   "window limit (3500).",
+        "type": "invalid_request_error", "param": None, "code": "context_length_exceeded"}}
+    assert auth_error().openai_body() == {"error": {"message": "Authentication error", "type": "authentication_error",
+                                                    "param": None, "code": "invalid_api_key"}}
+    assert finetune_not_found("ft").openai_body() == {"error": {"message": "Finetune ft not found",
+                                                                "type": "not_found_error", "param": "lora",
+                                                                "code": "model_not_found"}}
+    assert ApiError(7000, 500, "boom").openai_body()["error"]["type"] == "api_error"
+
+
+def test_helpers_codes_statuses_and_texts():
+    cases = {
+        bad_input("x"): (5006, 400, "AiError: Bad input: x"),
+        no_such_model("@cf/meta/llama"): (5007, 400, "No such model @cf/meta/llama or task"),
+        finetune_not_found("abc"): (3037, 404, "AiError: AiError: Finetune abc not found"),
+        finetune_missing_files(): (3039, 400, "AiError: AiError: Finetune is missing required files "
+                                              "(model.safetensors and config.json)"),
+        context_window(263008, 262144): (5021, 413, "AiError: Ai: The estimated number of input and maximum output "
+                                                    "tokens (263008) exceeded this model context window limit "
+                                                    "(262144)."),
+        request_too_large(): (3006, 413, "Request is too large"),
+        auth_error(): (10000, 401, "Authentication error"),
+    }
+    for err, (code, status, message) in cases.items():
+        assert (err.code, err.status, err.message, str(err)) == (code, status, message, message)
+        # The SDKs retry 409, 429 and 5xx; nothing a caller got wrong may be answered with them.
+        assert status != 409 and status != 429 and status < 500
+    assert bad_input("x", "top_k").param == "top_k"
+
+
+def test_every_parse_error_is_a_non_retryable_status():
+    bodies = [b"", b"{}", body({"prompt": "hi", "top_k": 99}), body({"messages": [{"role": "x", "content": "y"}]})]
+    for raw in bodies:
+        with pytest.raises(ApiError) as info:
+            parse_run_body(raw)
+        assert info.value.status == 400
