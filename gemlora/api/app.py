@@ -8,9 +8,11 @@ it. Knows nothing of KV blocks or slots.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +63,15 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
                           max_per_account=settings.max_finetunes_per_account,
                           public_dir=settings.public_adapters_dir)
     ctx = ServerContext(settings, engine, store, auth, TextGeneration(engine, store), Metrics(engine))
-    app = FastAPI(title="gemlora", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # uvicorn has stopped accepting and waited for in-flight requests; end what is left.
+        await asyncio.to_thread(engine.shutdown)
+        log.warning("gemlora stopped: engine shut down")
+
+    app = FastAPI(title="gemlora", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     app.include_router(workers_ai.router)
     app.include_router(workers_ai.router, prefix="/client/v4")
