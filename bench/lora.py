@@ -156,7 +156,8 @@ def main() -> None:
         for k in (8, 32):
             p = peft_rows.get(k)
             ratio = f"{rows[k] / p:>5.2f}x" if p else "     -"
-            print(f"{f'{k} distinct adapters':<38} {rows[k]:>13.1f} {p or 0:>10.1f} {ratio} {rows[k] / rows['none']:>14.0%}")
+            share = rows[k] / rows["none"]
+            print(f"{f'{k} distinct adapters':<38} {rows[k]:>13.1f} {p or 0:>10.1f} {ratio} {share:>14.0%}")
         print(f"{f'{args.registered} registered, Zipf(1.0), {len(set(zipf))} distinct':<38} {rows['zipf']:>13.1f} "
               f"{'':>10} {'':>6} {rows['zipf'] / rows['none']:>14.0%}   = {rows['zipf'] / rows[8]:.0%} of 8 adapters")
         print(f"registry loads from disk: {registry.loads}, slot loads: {engine.scheduler.slot_table.loads}")

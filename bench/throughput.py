@@ -86,7 +86,8 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = memory_bandwidth_gbs()
-    print(f"workload: prompts of {args.prompt_lens[0]}-{args.prompt_lens[1]} tokens, {args.new_tokens} new tokens each, greedy")
+    lo, hi = args.prompt_lens
+    print(f"workload: prompts of {lo}-{hi} tokens, {args.new_tokens} new tokens each, greedy")
     print(f"model: {model_dir.name}  weights {weight_bytes / 1e9:.2f} GB ({args.dtype})  "
           f"threads {torch.get_num_threads()}  measured read bandwidth {bandwidth:.1f} GB/s")
     run_gemlora(engine, make_prompts(2, model.cfg.vocab_size, 99), 4)            # warm-up, both sides

@@ -4,10 +4,15 @@ numbers are read by a collector when scraped, so the engine never calls in here.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from gemlora.engine.async_engine import AsyncEngine
+from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
+
+log = logging.getLogger("gemlora.api")
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -26,6 +31,43 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def record(self, request_id: str, account: str, adapter: str | None) -> RequestRecord:
+        return RequestRecord(self, request_id, account, adapter)
+
+
+class RequestRecord:
+    """One generation's timings and tokens: fed every chunk, closed with `done()` (metrics + log line)."""
+
+    def __init__(self, metrics: Metrics, request_id: str, account: str, adapter: str | None):
+        self.metrics, self.request_id, self.account, self.adapter = metrics, request_id, account, adapter
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: GenerationChunk | None = None
+        self._done = False
+
+    def chunk(self, chunk: GenerationChunk) -> GenerationChunk:
+        if self.first is None and chunk.token_ids:
+            self.first = time.perf_counter()
+            self.metrics.ttft.observe(self.first - self.start)
+            self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
+        self.metrics.generated_tokens.inc(len(chunk.token_ids))
+        self.last = chunk
+        return chunk
+
+    def done(self) -> None:
+        """Idempotent; a stream the client left is logged with what it had got so far."""
+        end, last = time.perf_counter(), self.last
+        if last is None or self._done:
+            return
+        self._done = True
+        if self.first is not None and last.completion_tokens > 1:
+            self.metrics.tpot.observe((end - self.first) / (last.completion_tokens - 1))
+        ttft = (self.first - self.start) if self.first is not None else float("nan")
+        log.info("generated request=%s account=%s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s "
+                 "ttft=%.3fs total=%.3fs", self.request_id, self.account, self.adapter or "-", last.prompt_tokens,
+                 last.completion_tokens, last.finish_reason.value if last.finished else "client-left", ttft,
+                 end - self.start)
 
 
 class _EngineCollector:

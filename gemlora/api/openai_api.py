@@ -18,7 +18,6 @@ from fastapi.responses import StreamingResponse
 from gemlora.api.errors import ApiError
 from gemlora.api.schemas import GenerateRequest, parse_chat_completion, parse_completion
 from gemlora.api.streaming import DONE, sse, usage
-from gemlora.api.workers_ai import _log_done, _observe
 from gemlora.finetunes.store import FinetuneError
 
 router = APIRouter()
@@ -58,21 +57,16 @@ async def _complete(request: Request, chat: bool):
     parse = parse_chat_completion if chat else parse_completion
     model, req = parse(await request.body(), max_length=ctx.settings.max_input_length)
     req = await _with_model(ctx, account, model, req)
-    request_id = request.state.request_id
-    start = time.perf_counter()
-    chunks = await ctx.textgen.stream(account, req, request_id)
+    record = ctx.metrics.record(request.state.request_id, account, req.lora)
+    chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     oid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if req.stream:
-        return StreamingResponse(_stream(ctx, chunks, oid, created, model, chat, req, start, account, request_id),
+        return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    text, last = [], None
-    async for chunk in chunks:
-        text.append(chunk.text)
-        last = chunk
-        _observe(ctx, chunk, start)
-    _log_done(request_id, account, req.lora, last, start)
-    content = "".join(text)
+    content = "".join([record.chunk(chunk).text async for chunk in chunks])
+    record.done()
+    last = record.last
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
               else {"index": 0, "text": content, "logprobs": None})
     choice["finish_reason"] = _finish(last)
@@ -80,7 +74,7 @@ async def _complete(request: Request, chat: bool):
             "model": model, "choices": [choice], "usage": usage(last.prompt_tokens, last.completion_tokens)}
 
 
-async def _stream(ctx, chunks, oid, created, model, chat, req, start, account, request_id):
+async def _stream(chunks, record, oid, created, model, chat, include_usage):
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def frame(text: str | None, finish: str | None, first: bool = False) -> bytes:
@@ -91,19 +85,20 @@ async def _stream(ctx, chunks, oid, created, model, chat, req, start, account, r
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [choice]})
 
-    last, first = None, True
-    async for chunk in chunks:
-        _observe(ctx, chunk, start)
-        last = chunk
-        if chunk.text or first:
-            yield frame(chunk.text, None, first)
-            first = False
-    yield frame(None, _finish(last))
-    if req.include_usage:
-        yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
-                   "usage": usage(last.prompt_tokens, last.completion_tokens)})
-    yield DONE
-    _log_done(request_id, account, req.lora, last, start)
+    first = True
+    try:
+        async for chunk in chunks:
+            if record.chunk(chunk).text or first:
+                yield frame(chunk.text, None, first)
+                first = False
+        last = record.last
+        yield frame(None, _finish(last))
+        if include_usage:
+            yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
+                       "usage": usage(last.prompt_tokens, last.completion_tokens)})
+        yield DONE
+    finally:
+        record.done()
 
 
 def _finish(chunk) -> str:
@@ -116,7 +111,8 @@ async def models(request: Request):
     account = _account(request)
     created = int(ctx.started)
     base = ctx.settings.model_names[0]
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "gemlora"} for name in ctx.settings.model_names]
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "gemlora"}
+            for name in ctx.settings.model_names]
     for f in await asyncio.to_thread(ctx.store.list, account):
         if f.ready:
             data.append({"id": f.name, "object": "model", "created": created, "owned_by": account,

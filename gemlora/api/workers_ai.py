@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from gemlora.api.errors import ApiError, bad_input, no_such_model
 from gemlora.api.schemas import parse_run_body
@@ -29,7 +27,6 @@ from gemlora.finetunes.store import FinetuneError
 from gemlora.lora.registry import AdapterInUseError
 
 router = APIRouter()
-log = logging.getLogger("gemlora.api")
 
 
 def envelope(result) -> dict:
@@ -47,48 +44,27 @@ async def run(account_id: str, model: str, request: Request):
     if model not in ctx.settings.model_names:
         raise no_such_model(model)
     req = parse_run_body(await request.body(), max_length=ctx.settings.max_input_length)
-    request_id = request.state.request_id
-    start = time.perf_counter()
-    chunks = await ctx.textgen.stream(account, req, request_id)
+    record = ctx.metrics.record(request.state.request_id, account, req.lora)
+    chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     if req.stream:
-        return StreamingResponse(_sse(ctx, chunks, start, account, req.lora, request_id),
-                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    text, last = [], None
-    async for chunk in chunks:
-        text.append(chunk.text)
-        last = chunk
-        _observe(ctx, chunk, start)
-    _log_done(request_id, account, req.lora, last, start)
+        return StreamingResponse(_sse(chunks, record), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+    text = [record.chunk(chunk).text async for chunk in chunks]
+    record.done()
+    last = record.last
     return envelope({"response": "".join(text), "usage": usage(last.prompt_tokens, last.completion_tokens)})
 
 
-async def _sse(ctx, chunks, start, account, lora, request_id):
-    last = None
-    async for chunk in chunks:
-        _observe(ctx, chunk, start)
-        last = chunk
-        if chunk.text:
-            yield sse({"response": chunk.text})
-    yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
-    yield DONE
-    _log_done(request_id, account, lora, last, start)
-
-
-def _observe(ctx, chunk, start: float) -> None:
-    m = ctx.metrics
-    n = len(chunk.token_ids)
-    if chunk.completion_tokens == n and n:          # the first token of this request
-        m.ttft.observe(time.perf_counter() - start)
-        m.prompt_tokens.inc(chunk.prompt_tokens)
-    elif n and chunk.completion_tokens > 1:
-        m.tpot.observe((time.perf_counter() - start) / chunk.completion_tokens)
-    m.generated_tokens.inc(n)
-
-
-def _log_done(request_id, account, lora, last, start) -> None:
-    log.info("generated request=%s account=%s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-             "seconds=%.3f", request_id, account, lora or "-", last.prompt_tokens, last.completion_tokens,
-             last.finish_reason.value if last.finish_reason else "-", time.perf_counter() - start)
+async def _sse(chunks, record):
+    try:
+        async for chunk in chunks:
+            if record.chunk(chunk).text:
+                yield sse({"response": chunk.text})
+        last = record.last
+        yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
+        yield DONE
+    finally:
+        record.done()
 
 
 def _finetune_call(fn, *args, **kwargs):

@@ -3,7 +3,8 @@
 For every projection of every layer, one stack per packed module: A as
 `[max_loras, n_parts, max_rank, in]` and B as `[max_loras, out, max_rank]`, where the parts are the
 packed pieces (q|k|v, gate|up): part i's output rows of B pair with part i's rows of A. Smaller
-ranks are zero-padded. Scaling is already folded into B by the adapter loader. Loading into a slot is a copy of a few MB; no allocation in the step.
+ranks are zero-padded. Scaling is already folded into B by the adapter loader. Loading into a
+slot is a copy of a few MB; no allocation in the step.
 Knows shapes and slot indices; nothing of requests, names or files.
 """
 

@@ -17,7 +17,6 @@ import tempfile
 from math import prod
 from pathlib import Path
 
-import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from rich.progress import track
