@@ -117,7 +117,11 @@ def serve(
     from gemlora.model.source import DEFAULT_MODEL_NAME
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    auth = Auth.from_sources(tokens_file)
+    try:
+        auth = Auth.from_sources(tokens_file)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: API tokens: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if auth.anonymous and not is_loopback(host):
         if not allow_anonymous_public:
             typer.echo(f"error: refusing to serve {host} without API tokens; give --tokens-file or "

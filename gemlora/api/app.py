@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -25,10 +26,11 @@ from gemlora.api.auth import Auth
 from gemlora.api.errors import ApiError
 from gemlora.api.metrics import Metrics
 from gemlora.api.textgen import TextGeneration
-from gemlora.engine.async_engine import AsyncEngine
+from gemlora.engine.async_engine import AsyncEngine, EngineError
 from gemlora.finetunes.store import FinetuneStore
 
 log = logging.getLogger("gemlora.api")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 @dataclass(slots=True)
@@ -77,10 +79,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
     app.include_router(workers_ai.router, prefix="/client/v4")
     app.include_router(openai_api.router)
     app.include_router(openai_api.router, prefix="/client/v4/accounts/{account_id}/ai")
+    app.include_router(openai_api.router, prefix="/accounts/{account_id}/ai")
 
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next):
-        request_id = request.headers.get("cf-ai-req-id") or uuid.uuid4().hex
+        given = request.headers.get("cf-ai-req-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex   # echoed in logs and errors
         request.state.request_id = request_id
         start = time.perf_counter()
         response = await call_next(request)
@@ -97,6 +101,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
         rid = getattr(request.state, "request_id", None)
         body = exc.openai_body() if _is_openai(request) else exc.workers_ai_body(rid)
         return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError):
+        # Not the caller's fault: a 500 in the envelope (the SDKs retry 5xx, which suits a transient failure).
+        log.error("request %s failed in the engine: %s", getattr(request.state, "request_id", "-"), exc)
+        err = ApiError(3000, 500, "AiError: AiError: internal error while generating; please retry")
+        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -123,4 +134,5 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
 
 
 def _is_openai(request: Request) -> bool:
-    return "/v1/" in request.url.path
+    path = request.url.path
+    return path.startswith("/v1/") or "/ai/v1/" in path

@@ -38,7 +38,8 @@ async def _with_model(ctx, account: str, model: str, req: GenerateRequest) -> Ge
         except FinetuneError as exc:
             raise ApiError(404, 404, f"The model `{model}` does not exist", param="model") from exc
         return GenerateRequest(**{**req.__dict__, "lora": model})
-    raise ApiError(404, 404, f"The model `{model}` does not exist", param="model")
+    raise ApiError(5006, 400, f"`model` must be a base model ({', '.join(ctx.settings.model_names)}) when `lora` "
+                              "names the adapter", param="model")
 
 
 @router.post("/v1/chat/completions")
@@ -116,5 +117,5 @@ async def models(request: Request):
     for f in await asyncio.to_thread(ctx.store.list, account):
         if f.ready:
             data.append({"id": f.name, "object": "model", "created": created, "owned_by": account,
-                         "parent": base, "root": f.id})
+                         "parent": f.model or base, "root": f.id})
     return {"object": "list", "data": data}

@@ -78,6 +78,8 @@ def api_error_of(exc: FinetuneError) -> ApiError:
     """The store's plain messages, in Workers AI's wording."""
     if exc.code == 5006:
         return bad_input(exc.message)
+    if exc.code == 3006:
+        return ApiError(3006, 413, f"Request is too large: {exc.message.removeprefix('Request is too large: ')}")
     return ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}")
 
 
