@@ -9,7 +9,8 @@ import pytest
 
 from gemlora.api.errors import (ApiError, auth_error, bad_input, context_window, finetune_missing_files,
                                 finetune_not_found, no_such_model, request_too_large)
-from gemlora.api.schemas import GenerateRequest, parse_chat_completion, parse_completion, parse_run_body
+from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
+from gemlora.api.schemas import GenerateRequest, parse_run_body
 from gemlora.sampling import SamplingParams
 
 USER = [{"role": "user", "content": "hi"}]

@@ -16,7 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gemlora.api.errors import ApiError
-from gemlora.api.schemas import GenerateRequest, parse_chat_completion, parse_completion
+from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
+from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, sse, usage
 from gemlora.finetunes.store import FinetuneError
 

@@ -1,10 +1,12 @@
-"""Request bodies of both dialects -> one GenerateRequest.
+"""Request bodies -> one GenerateRequest: the shared pieces, and the Workers AI dialect.
 
-Owns parsing and validating the bodies of Workers AI's `ai/run` (the `@cf/google/gemma-7b-it-lora`
-input schema: a `oneOf` of a prompt branch and a messages branch) and of OpenAI's chat completions
-and completions into one `GenerateRequest`, and the wording of their validation errors: Workers AI's
-`AiError: Bad input: ...` texts naming the field as a JSON pointer (`'/top_k' must be <= 50`), and
-OpenAI's `Invalid 'top_k': ...` with `param` set. Every error is an `ApiError` 5006 / 400.
+Owns `GenerateRequest`, what both dialects share (JSON decoding, the strict field types, JSON type
+names, reading the crossed bound back from a range error), and parsing and validating the body of
+Workers AI's `ai/run` (the `@cf/google/gemma-7b-it-lora` input schema: a `oneOf` of a prompt branch
+and a messages branch), with the wording of its validation errors: Workers AI's
+`AiError: Bad input: ...` texts naming the field as a JSON pointer (`'/top_k' must be <= 50`).
+Every error is an `ApiError` 5006 / 400. The OpenAI dialect lives in gemlora.api.openai_schemas,
+which builds on the shared pieces here; this module must not know anything OpenAI-specific.
 
 Types are checked by pydantic v2 models (strict: no silent "5" -> 5); numeric ranges by
 `SamplingParams` and `check_lora_scale` (gemlora.sampling), so the ranges live in one place.
@@ -24,15 +26,12 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator)
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from gemlora.api.errors import ApiError, bad_input
+from gemlora.api.errors import bad_input
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 DEFAULT_MAX_TOKENS = 256             # both dialects (Workers AI's schema default)
 WORKERS_AI_TEMPERATURE = 0.6         # Workers AI's documented default
-OPENAI_TEMPERATURE = 1.0             # OpenAI's default
 MESSAGE_ROLES = ("system", "user", "assistant", "model")
-OPENAI_ROLES = MESSAGE_ROLES + ("developer",)   # OpenAI's newer name for system; sent as "system"
-MAX_STOP = 4                         # OpenAI's limit on stop sequences
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,69 @@ def _check_max_length(value: str, info: ValidationInfo) -> str:
 Int = Annotated[int, BeforeValidator(_integral)]
 Raw = Annotated[bool, BeforeValidator(_raw_flag)]
 Text = Annotated[str, AfterValidator(_check_max_length)]      # a string of at most max_length characters
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers: JSON, JSON type names, range errors
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(body: bytes | str) -> dict | None:
+    """The body as a JSON object, or None. NaN / Infinity literals (which Python accepts) are not JSON."""
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_JSON_TYPES = {"string_type": "string", "int_type": "integer", "int_from_float": "integer", "float_type": "number",
+               "bool_type": "boolean", "list_type": "array", "model_type": "object",
+               "model_attributes_type": "object", "dict_type": "object"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# SamplingParams / check_lora_scale word range errors "NAME must be in [LO, HI], got V" ("(LO, HI]"
+# when LO itself is excluded). The bound that was crossed is read back from that text.
+_RANGE = re.compile(r"must be in ([\[(])([^,\]]+), ([^\]]+)\], got ")
+
+
+def _crossed_bound(exc: InvalidRequestError, value: Any) -> str | None:
+    match = _RANGE.search(str(exc))
+    if match is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    lo_open, lo, hi = match.group(1) == "(", match.group(2), match.group(3)
+    try:
+        if value > float(hi) or value != value:
+            return f"<= {hi}"
+    except ValueError:
+        return None
+    return f"> {lo}" if lo_open else f">= {lo}"
+
+
+def _rest(exc: InvalidRequestError) -> str:
+    message = str(exc)
+    if exc.field and message.startswith(exc.field + " "):
+        return message[len(exc.field) + 1:]
+    return message
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,228 +250,7 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
 
 
 # --------------------------------------------------------------------------------------------------
-# OpenAI: chat completions and (legacy) completions
-
-def _openai_content(value: Any, info: ValidationInfo) -> str:
-    # A string, or an array of text parts ({"type": "text", "text": ...}), joined by newlines.
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise PydanticCustomError("content", "only a string or an array of text parts "
-                                                     "({\"type\": \"text\", \"text\": ...}) is supported")
-            texts.append(part["text"])
-        value = "\n".join(texts)
-    if not isinstance(value, str):
-        raise PydanticKnownError("string_type")
-    return _check_max_length(value, info)
-
-
-class _ChatMessage(BaseModel):
-    model_config = _STRICT
-    role: str
-    content: Annotated[Any, AfterValidator(_openai_content)]
-
-    @field_validator("role")
-    @classmethod
-    def _known_role(cls, role: str) -> str:
-        if role not in OPENAI_ROLES:
-            raise PydanticCustomError("role", "must be one of " + ", ".join(f"'{r}'" for r in OPENAI_ROLES)
-                                      + " (tool and function messages are not supported)")
-        return "system" if role == "developer" else role
-
-
-class _StreamOptions(BaseModel):
-    model_config = _STRICT
-    include_usage: bool | None = None
-
-
-class _OpenAICommon(BaseModel):
-    # OpenAI clients send explicit nulls for unset options, so here every optional field takes null.
-    model_config = _STRICT
-    model: str = Field(min_length=1)
-    max_tokens: Int | None = None
-    max_completion_tokens: Int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: Int | None = None                 # extension
-    seed: Int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None  # extension
-    stop: Any = ()                           # validators below turn null, a string or a list into a tuple
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-    n: Int | None = None
-    lora: str | None = Field(None, min_length=1)   # extension: finetune name or id
-    lora_scale: float | None = None                # extension
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, stop: Any) -> tuple:
-        if stop is None:
-            return ()
-        if isinstance(stop, str):
-            return (stop,)
-        if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            if len(stop) > MAX_STOP:
-                raise PydanticCustomError("stop", f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
-            return tuple(stop)
-        raise PydanticCustomError("stop", f"must be a string or an array of up to {MAX_STOP} strings")
-
-
-class _Chat(_OpenAICommon):
-    messages: list[_ChatMessage] = Field(min_length=1)
-
-
-class _Completion(_OpenAICommon):
-    prompt: Any
-    raw: Raw | None = None                   # extension: false applies the chat template to the prompt
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt: Any, info: ValidationInfo) -> str:
-        def token_ids(value: Any) -> bool:
-            return isinstance(value, list) and bool(value) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-        if isinstance(prompt, list):
-            if token_ids(prompt) or (len(prompt) == 1 and token_ids(prompt[0])):
-                raise PydanticCustomError("prompt", "token-id prompts are not supported; send text")
-            if len(prompt) != 1:
-                raise PydanticCustomError("prompt", "only one prompt per request is supported, got {n}",
-                                          {"n": len(prompt)})
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise PydanticKnownError("string_type")
-        if not prompt:
-            raise PydanticKnownError("string_too_short", {"min_length": 1})
-        return _check_max_length(prompt, info)
-
-
-def _off(value: Any) -> bool:
-    return value is None or value is False or value == 0 or value == [] or value == {} or value == ""
-
-
-# OpenAI options this server cannot honour: refused rather than silently ignored when set.
-_UNSUPPORTED = (
-    ("n", lambda v: v is None or v == 1, "only n=1 is supported"),
-    ("best_of", lambda v: v is None or v == 1, "only best_of=1 is supported"),
-    ("logprobs", _off, "logprobs are not supported"),
-    ("top_logprobs", _off, "logprobs are not supported"),
-    ("echo", _off, "echo is not supported"),
-    ("suffix", _off, "suffix is not supported"),
-    ("logit_bias", _off, "logit_bias is not supported"),
-    ("tools", _off, "tools are not supported"),
-    ("functions", _off, "functions are not supported"),
-    ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-     "only response_format {\"type\": \"text\"} is supported"),
-)
-
-
-def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
-    """OpenAI `POST /v1/chat/completions` body -> (model, GenerateRequest), or ApiError 5006 with `param`."""
-    req, data = _parse_openai(body, _Chat, max_length)
-    messages = tuple({"role": m.role, "content": m.content} for m in req.messages)
-    return req.model, _openai_request(req, data, prompt=None, messages=messages, raw=False)
-
-
-def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
-    """OpenAI `POST /v1/completions` body -> (model, GenerateRequest), or ApiError 5006 with `param`.
-
-    A completion continues the prompt as given: it is sent raw (no chat template) unless the
-    extension field `raw` is false. `prompt` is a string or an array of exactly one string.
-    """
-    req, data = _parse_openai(body, _Completion, max_length)
-    raw = True if req.raw is None else req.raw
-    return req.model, _openai_request(req, data, prompt=req.prompt, messages=None, raw=raw)
-
-
-def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
-    data = _json_object(body)
-    if data is None:
-        raise ApiError(5006, 400, "Invalid body: the request body is not a JSON object.")
-    try:
-        req = model.model_validate(data, context={"max_length": max_length})
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        raise ApiError(5006, 400, _openai_text(err), param=_openai_param(err["loc"])) from None
-    for name, ok, why in _UNSUPPORTED:
-        if not ok(data.get(name)):
-            raise ApiError(5006, 400, f"Invalid '{name}': {why}, got {json.dumps(data.get(name))}.", param=name)
-    return req, data
-
-
-def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) -> GenerateRequest:
-    if (req.max_tokens is not None and req.max_completion_tokens is not None
-            and req.max_tokens != req.max_completion_tokens):
-        raise ApiError(5006, 400, "Invalid 'max_tokens': give max_tokens or max_completion_tokens, "
-                                  "not both with different values.", param="max_tokens")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(req, name)
-        if value is not None and value < 0:
-            # OpenAI allows -2..2; our engine only penalises (0..2), it cannot reward repetition.
-            raise ApiError(5006, 400, f"Invalid '{name}': negative values are not supported by this server "
-                                      f"(it accepts 0 to 2), got {value}.", param=name)
-    # temperature: OpenAI's 0..2 is a subset of the engine's 0..5 (Workers AI's range); 0..5 is
-    # accepted on both dialects for parity. Default 1.0, as OpenAI. top_p likewise 0..2.
-    options = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-               "temperature": OPENAI_TEMPERATURE if req.temperature is None else req.temperature,
-               "stop": req.stop}
-    for name in ("top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty"):
-        if getattr(req, name) is not None:
-            options[name] = getattr(req, name)
-    try:
-        params = SamplingParams(**options)
-        lora_scale = check_lora_scale(1.0 if req.lora_scale is None else req.lora_scale)
-    except InvalidRequestError as exc:
-        field = exc.field
-        if field == "max_tokens" and req.max_completion_tokens is not None:
-            field = "max_completion_tokens"
-        value = req.lora_scale if field == "lora_scale" else options.get(exc.field)
-        raise ApiError(5006, 400, _openai_range_text(exc, field, value), param=field) from None
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
-                           lora=req.lora, lora_scale=lora_scale, include_usage=include_usage)
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared helpers: JSON, error wording
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_object(body: bytes | str) -> dict | None:
-    """The body as a JSON object, or None. NaN / Infinity literals (which Python accepts) are not JSON."""
-    try:
-        data = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-_JSON_TYPES = {"string_type": "string", "int_type": "integer", "int_from_float": "integer", "float_type": "number",
-               "bool_type": "boolean", "list_type": "array", "model_type": "object",
-               "model_attributes_type": "object", "dict_type": "object"}
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
+# Workers AI error wording
 
 def _pointer(loc: tuple) -> str:
     return "/" + "/".join(str(part) for part in loc)
@@ -431,70 +272,8 @@ def _workers_ai_text(err: dict) -> str:
     return f"'{where}' {err['msg']}"
 
 
-def _article(json_type: str) -> str:
-    return json_type if json_type == "null" else ("an " if json_type[0] in "aeiou" else "a ") + json_type
-
-
-def _openai_param(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _openai_text(err: dict) -> str:
-    kind, loc, ctx = err["type"], err["loc"], err.get("ctx") or {}
-    param = _openai_param(loc)
-    if kind == "missing":
-        return f"Missing required parameter: '{param}'."
-    if kind in _JSON_TYPES:
-        return (f"Invalid type for '{param}': expected {_article(_JSON_TYPES[kind])}, "
-                f"but got {_article(_json_type(err.get('input')))} instead.")
-    if kind == "string_too_short":
-        return f"Invalid '{param}': string too short. Expected a string with minimum length {ctx['min_length']}."
-    if kind == "string_too_long":
-        return f"Invalid '{param}': string too long. Expected a string with maximum length {ctx['max_length']}."
-    if kind == "too_short":
-        return f"Invalid '{param}': expected an array with minimum length {ctx['min_length']}."
-    return f"Invalid '{param}': {err['msg']}."
-
-
-# SamplingParams / check_lora_scale word range errors "NAME must be in [LO, HI], got V" ("(LO, HI]"
-# when LO itself is excluded). The bound that was crossed is read back from that text.
-_RANGE = re.compile(r"must be in ([\[(])([^,\]]+), ([^\]]+)\], got ")
-
-
-def _crossed_bound(exc: InvalidRequestError, value: Any) -> str | None:
-    match = _RANGE.search(str(exc))
-    if match is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    lo_open, lo, hi = match.group(1) == "(", match.group(2), match.group(3)
-    try:
-        if value > float(hi) or value != value:
-            return f"<= {hi}"
-    except ValueError:
-        return None
-    return f"> {lo}" if lo_open else f">= {lo}"
-
-
-def _rest(exc: InvalidRequestError) -> str:
-    message = str(exc)
-    if exc.field and message.startswith(exc.field + " "):
-        return message[len(exc.field) + 1:]
-    return message
-
-
 def _workers_ai_range_text(exc: InvalidRequestError, value: Any) -> str:
     if not exc.field:
         return str(exc)
     bound = _crossed_bound(exc, value)
     return f"'/{exc.field}' must be {bound}" if bound else f"'/{exc.field}' {_rest(exc)}"
-
-
-def _openai_range_text(exc: InvalidRequestError, param: str | None, value: Any) -> str:
-    if not param:
-        return f"Invalid request: {exc}."
-    bound = _crossed_bound(exc, value)
-    if bound:
-        return f"Invalid '{param}': expected a value {bound}, but got {value} instead."
-    return f"Invalid '{param}': {_rest(exc)}."

@@ -3,7 +3,8 @@
 Owns the finetunes of every account: metadata (id, name, model, description, public, timestamps, the
 validated adapter's summary) and asset records in SQLite (`<data_dir>/finetunes.sqlite3`, WAL), and the
 two adapter files of each in `<data_dir>/finetunes/<id>/`. Plus, read-only, the operator's public
-adapters (`public_dir`, one subfolder each). Crash-safe by construction:
+adapters (`public_dir`, one subfolder each; scanned by `public.py`). Crash-safe by construction (the file
+writing itself, temp file, fsync, rename, and the format checks, is `files.py`):
 
 - which assets a finetune has is decided by the files on disk, never by the database, so a crash
   between writing a file and recording it loses nothing (the record is re-created on startup);
@@ -26,7 +27,6 @@ for the HTTP layer to put in its envelope.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -41,18 +41,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gemlora.finetunes import files
+from gemlora.finetunes import public as public_folder
+from gemlora.finetunes.files import (ASSET_NAMES, CHUNK, CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME,  # noqa: F401
+                                     FileTooLarge, FormatError, fsync_dir as _fsync_dir, mtime_iso as _mtime_iso)
+from gemlora.finetunes.public import PUBLIC_ACCOUNT, PUBLIC_NAMESPACE  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
-CONFIG_NAME, WEIGHTS_NAME = ASSET_NAMES
 BUCKET_NAME = "gemlora-finetunes"        # Asset.bucket_name: Workers AI names its R2 bucket there
-PUBLIC_ACCOUNT = "public"                 # account_id of the public_dir adapters
-PUBLIC_NAMESPACE = uuid.UUID("6f1c3b0e-5a3d-5c8e-9f57-2f0c4a1d9e11")   # uuid5 namespace of public_dir ids
 RESERVED_PREFIX = "cf-"                   # Workers AI reserves cf-public-*; we reserve all of cf-
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-CHUNK = 1 << 20
-MAX_CONFIG_BYTES = 1 << 20                # a PEFT adapter_config.json is a few KB
-_TEMP_PREFIX, _TEMP_SUFFIX = ".upload-", ".tmp"
 _TRASH_PREFIX = ".trash-"
 
 _SCHEMA = """
@@ -146,28 +145,7 @@ class Asset:
 
 
 def now_iso() -> str:
-    return _iso(datetime.now(timezone.utc))
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _mtime_iso(path: Path) -> str:
-    return _iso(datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return files.iso(datetime.now(timezone.utc))
 
 
 class FinetuneStore:
@@ -250,8 +228,8 @@ class FinetuneStore:
         """The asset records of a finetune get() finds (files present on disk only), in ASSET_NAMES order."""
         f = self.get(account_id, id_or_name)
         if f.account_id == PUBLIC_ACCOUNT and f.id in self._public:
-            return [Asset(str(uuid.uuid5(PUBLIC_NAMESPACE, f"{f.name}/{n}")), f.id, n, BUCKET_NAME,
-                          f.created_at, f.modified_at) for n in ASSET_NAMES]
+            return [Asset(public_folder.asset_id(f.name, n), f.id, n, BUCKET_NAME, f.created_at, f.modified_at)
+                    for n in ASSET_NAMES]
         with self._db() as db:
             rows = {r["file_name"]: r for r in
                     db.execute("SELECT * FROM assets WHERE finetune_id = ?", (f.id,)).fetchall()}
@@ -278,7 +256,7 @@ class FinetuneStore:
             if final.exists():
                 raise _already_uploaded(file_name, name)
             self._uploading.add((fid, file_name))
-        tmp = folder / f"{_TEMP_PREFIX}{file_name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
+        tmp = files.temp_path(folder, file_name)
         try:
             self._receive(tmp, data, file_name, id_or_name)
             with self._finetune_lock(fid):
@@ -292,20 +270,16 @@ class FinetuneStore:
         """Streams `data` into `tmp` (fsynced), refusing it past max_file_bytes, then checks its format."""
         stream: Any = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
-            out = open(tmp, "xb")
+            size = files.write_stream(tmp, stream, self.max_file_bytes)
         except FileNotFoundError:   # the folder went: deleted while we were resolving it
             raise not_found(id_or_name) from None
-        size = 0
-        with out:
-            while chunk := stream.read(CHUNK):
-                size += len(chunk)
-                if size > self.max_file_bytes:
-                    raise too_large(f"{file_name} is larger than the limit of {self.max_file_bytes} bytes "
-                                    f"({self.max_file_bytes / 2**20:g} MiB)")
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        _check_format(tmp, file_name, size)
+        except FileTooLarge:
+            raise too_large(f"{file_name} is larger than the limit of {self.max_file_bytes} bytes "
+                            f"({self.max_file_bytes / 2**20:g} MiB)") from None
+        try:
+            files.check_format(tmp, file_name, size)
+        except FormatError as exc:
+            raise bad_input(str(exc)) from None
 
     def _commit(self, fid: str, name: str, file_name: str, tmp: Path, final: Path) -> tuple[Finetune, Asset]:
         """Under the finetune's lock: publish the file, record it, validate if complete."""
@@ -313,8 +287,7 @@ class FinetuneStore:
         with self._db() as db:
             if db.execute("SELECT 1 FROM finetunes WHERE id = ?", (fid,)).fetchone() is None:
                 raise not_found(name)   # deleted while the file was streaming
-        os.replace(tmp, final)
-        _fsync_dir(folder)
+        files.publish(tmp, final)
         ts = now_iso()
         with self._tx() as db:
             db.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (fid, file_name))
@@ -342,8 +315,7 @@ class FinetuneStore:
         return finetune, _row_to_asset(asset)
 
     def _drop_asset(self, fid: str, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        files.remove(path)
         with self._tx() as db:
             db.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (fid, path.name))
             db.execute("UPDATE finetunes SET summary = NULL, modified_at = ? WHERE id = ?", (now_iso(), fid))
@@ -411,7 +383,7 @@ class FinetuneStore:
     def _recover_one(self, fid: str) -> None:
         folder = self.root / fid
         folder.mkdir(exist_ok=True)
-        for tmp in folder.glob(f"{_TEMP_PREFIX}*"):
+        for tmp in folder.glob(f"{files.TEMP_PREFIX}*"):
             log.info("removing %s, left by an interrupted upload", tmp)
             tmp.unlink(missing_ok=True)
         present = [n for n in ASSET_NAMES if (folder / n).is_file()]
@@ -445,34 +417,10 @@ class FinetuneStore:
             db.execute("UPDATE finetunes SET summary = ? WHERE id = ?", (summary, fid))
 
     def _scan_public(self) -> dict[str, Finetune]:
-        if self.public_dir is None:
-            return {}
-        if not self.public_dir.is_dir():
-            log.warning("public adapters folder %s does not exist", self.public_dir)
-            return {}
-        public = {}
-        for folder in sorted(self.public_dir.iterdir()):
-            if folder.name.startswith(".") or not all((folder / n).is_file() for n in ASSET_NAMES):
-                continue
-            try:
-                summary = str(self.validate(folder))
-            except Exception as exc:
-                log.warning("public adapter %s skipped: %s", folder, exc)
-                continue
-            model = self.public_model
-            if model is None:
-                try:
-                    model = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get(
-                        "base_model_name_or_path") or ""
-                except (OSError, ValueError, AttributeError):
-                    model = ""
-            ts = _mtime_iso(folder / WEIGHTS_NAME)
-            fid = str(uuid.uuid5(PUBLIC_NAMESPACE, folder.name))
-            public[fid] = Finetune(id=fid, account_id=PUBLIC_ACCOUNT, name=folder.name, model=str(model),
-                                   description="", public=True, created_at=ts, modified_at=ts,
-                                   assets=frozenset(ASSET_NAMES), path=folder, summary=summary)
-            log.info("public adapter %s (%s): %s", folder.name, fid, summary)
-        return public
+        return {a.id: Finetune(id=a.id, account_id=PUBLIC_ACCOUNT, name=a.name, model=a.model, description="",
+                               public=True, created_at=a.timestamp, modified_at=a.timestamp,
+                               assets=frozenset(ASSET_NAMES), path=a.folder, summary=a.summary)
+                for a in public_folder.scan(self.public_dir, self.validate, self.public_model)}
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -540,38 +488,6 @@ def _check_name(name: Any) -> None:
 def _already_uploaded(file_name: str, name: str) -> FinetuneError:
     return bad_input(f"{file_name} was already uploaded to finetune {name}; assets cannot be replaced; "
                      "create a new finetune")
-
-
-def _check_format(path: Path, file_name: str, size: int) -> None:
-    """Cheap format checks before a file is kept: a broken first file could never be replaced, and the
-    adapter is only validated once the second arrives."""
-    if size == 0:
-        raise bad_input(f"{file_name} is empty")
-    if file_name == CONFIG_NAME:
-        if size > MAX_CONFIG_BYTES:
-            raise bad_input(f"{file_name} is {size} bytes; a PEFT adapter config is a few KB "
-                            f"(limit {MAX_CONFIG_BYTES} bytes)")
-        try:
-            config = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise bad_input(f"{file_name} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise bad_input(f"{file_name} must hold a JSON object (a PEFT LoraConfig)")
-        return
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise bad_input(f"{file_name} looks like a PyTorch pickle, which is refused; re-save the adapter with "
-                            "save_pretrained(..., safe_serialization=True)")
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(size - 8, 100 * 2**20):
-            raise bad_input(f"{file_name} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            header = None
-        if not isinstance(header, dict):
-            raise bad_input(f"{file_name} is not a safetensors file (its header is not a JSON object)")
 
 
 def _scrub(message: str, folder: Path, name: str) -> str:

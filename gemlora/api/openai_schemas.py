@@ -1,0 +1,254 @@
+"""OpenAI request bodies (chat completions and legacy completions) -> one GenerateRequest.
+
+Owns parsing and validating the bodies of OpenAI's `/v1/chat/completions` and `/v1/completions`
+into a `GenerateRequest` (defined in gemlora.api.schemas, with the field types, JSON decoding and
+range-error helpers both dialects share), and the wording of their validation errors: OpenAI's
+`Invalid 'top_k': ...` with `param` set. Every error is an `ApiError` 5006 / 400.
+
+Must not know the Workers AI dialect (its fields, defaults or error texts), the engine, the KV
+cache, adapters' weights or HTTP framework objects: bytes in, (model, GenerateRequest) out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError, PydanticKnownError
+
+from gemlora.api.errors import ApiError
+from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MESSAGE_ROLES, GenerateRequest, Int, Raw,
+                                 _check_max_length, _crossed_bound, _json_object, _json_type, _rest)
+from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
+
+OPENAI_TEMPERATURE = 1.0             # OpenAI's default
+OPENAI_ROLES = MESSAGE_ROLES + ("developer",)   # OpenAI's newer name for system; sent as "system"
+MAX_STOP = 4                         # OpenAI's limit on stop sequences
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI: chat completions and (legacy) completions
+
+def _openai_content(value: Any, info: ValidationInfo) -> str:
+    # A string, or an array of text parts ({"type": "text", "text": ...}), joined by newlines.
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise PydanticCustomError("content", "only a string or an array of text parts "
+                                                     "({\"type\": \"text\", \"text\": ...}) is supported")
+            texts.append(part["text"])
+        value = "\n".join(texts)
+    if not isinstance(value, str):
+        raise PydanticKnownError("string_type")
+    return _check_max_length(value, info)
+
+
+class _ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: str
+    content: Annotated[Any, AfterValidator(_openai_content)]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in OPENAI_ROLES:
+            raise PydanticCustomError("role", "must be one of " + ", ".join(f"'{r}'" for r in OPENAI_ROLES)
+                                      + " (tool and function messages are not supported)")
+        return "system" if role == "developer" else role
+
+
+class _StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
+
+
+class _OpenAICommon(BaseModel):
+    # OpenAI clients send explicit nulls for unset options, so here every optional field takes null.
+    model_config = _STRICT
+    model: str = Field(min_length=1)
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: Int | None = None                 # extension
+    seed: Int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension
+    stop: Any = ()                           # validators below turn null, a string or a list into a tuple
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: Int | None = None
+    lora: str | None = Field(None, min_length=1)   # extension: finetune name or id
+    lora_scale: float | None = None                # extension
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: Any) -> tuple:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            return (stop,)
+        if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            if len(stop) > MAX_STOP:
+                raise PydanticCustomError("stop", f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
+            return tuple(stop)
+        raise PydanticCustomError("stop", f"must be a string or an array of up to {MAX_STOP} strings")
+
+
+class _Chat(_OpenAICommon):
+    messages: list[_ChatMessage] = Field(min_length=1)
+
+
+class _Completion(_OpenAICommon):
+    prompt: Any
+    raw: Raw | None = None                   # extension: false applies the chat template to the prompt
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: Any, info: ValidationInfo) -> str:
+        def token_ids(value: Any) -> bool:
+            return isinstance(value, list) and bool(value) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+        if isinstance(prompt, list):
+            if token_ids(prompt) or (len(prompt) == 1 and token_ids(prompt[0])):
+                raise PydanticCustomError("prompt", "token-id prompts are not supported; send text")
+            if len(prompt) != 1:
+                raise PydanticCustomError("prompt", "only one prompt per request is supported, got {n}",
+                                          {"n": len(prompt)})
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise PydanticKnownError("string_type")
+        if not prompt:
+            raise PydanticKnownError("string_too_short", {"min_length": 1})
+        return _check_max_length(prompt, info)
+
+
+def _off(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {} or value == ""
+
+
+# OpenAI options this server cannot honour: refused rather than silently ignored when set.
+_UNSUPPORTED = (
+    ("n", lambda v: v is None or v == 1, "only n=1 is supported"),
+    ("best_of", lambda v: v is None or v == 1, "only best_of=1 is supported"),
+    ("logprobs", _off, "logprobs are not supported"),
+    ("top_logprobs", _off, "logprobs are not supported"),
+    ("echo", _off, "echo is not supported"),
+    ("suffix", _off, "suffix is not supported"),
+    ("logit_bias", _off, "logit_bias is not supported"),
+    ("tools", _off, "tools are not supported"),
+    ("functions", _off, "functions are not supported"),
+    ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+     "only response_format {\"type\": \"text\"} is supported"),
+)
+
+
+def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
+    """OpenAI `POST /v1/chat/completions` body -> (model, GenerateRequest), or ApiError 5006 with `param`."""
+    req, data = _parse_openai(body, _Chat, max_length)
+    messages = tuple({"role": m.role, "content": m.content} for m in req.messages)
+    return req.model, _openai_request(req, data, prompt=None, messages=messages, raw=False)
+
+
+def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
+    """OpenAI `POST /v1/completions` body -> (model, GenerateRequest), or ApiError 5006 with `param`.
+
+    A completion continues the prompt as given: it is sent raw (no chat template) unless the
+    extension field `raw` is false. `prompt` is a string or an array of exactly one string.
+    """
+    req, data = _parse_openai(body, _Completion, max_length)
+    raw = True if req.raw is None else req.raw
+    return req.model, _openai_request(req, data, prompt=req.prompt, messages=None, raw=raw)
+
+
+def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
+    data = _json_object(body)
+    if data is None:
+        raise ApiError(5006, 400, "Invalid body: the request body is not a JSON object.")
+    try:
+        req = model.model_validate(data, context={"max_length": max_length})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise ApiError(5006, 400, _openai_text(err), param=_openai_param(err["loc"])) from None
+    for name, ok, why in _UNSUPPORTED:
+        if not ok(data.get(name)):
+            raise ApiError(5006, 400, f"Invalid '{name}': {why}, got {json.dumps(data.get(name))}.", param=name)
+    return req, data
+
+
+def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) -> GenerateRequest:
+    if (req.max_tokens is not None and req.max_completion_tokens is not None
+            and req.max_tokens != req.max_completion_tokens):
+        raise ApiError(5006, 400, "Invalid 'max_tokens': give max_tokens or max_completion_tokens, "
+                                  "not both with different values.", param="max_tokens")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(req, name)
+        if value is not None and value < 0:
+            # OpenAI allows -2..2; our engine only penalises (0..2), it cannot reward repetition.
+            raise ApiError(5006, 400, f"Invalid '{name}': negative values are not supported by this server "
+                                      f"(it accepts 0 to 2), got {value}.", param=name)
+    # temperature: OpenAI's 0..2 is a subset of the engine's 0..5 (Workers AI's range); 0..5 is
+    # accepted on both dialects for parity. Default 1.0, as OpenAI. top_p likewise 0..2.
+    options = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+               "temperature": OPENAI_TEMPERATURE if req.temperature is None else req.temperature,
+               "stop": req.stop}
+    for name in ("top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+        if getattr(req, name) is not None:
+            options[name] = getattr(req, name)
+    try:
+        params = SamplingParams(**options)
+        lora_scale = check_lora_scale(1.0 if req.lora_scale is None else req.lora_scale)
+    except InvalidRequestError as exc:
+        field = exc.field
+        if field == "max_tokens" and req.max_completion_tokens is not None:
+            field = "max_completion_tokens"
+        value = req.lora_scale if field == "lora_scale" else options.get(exc.field)
+        raise ApiError(5006, 400, _openai_range_text(exc, field, value), param=field) from None
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
+                           lora=req.lora, lora_scale=lora_scale, include_usage=include_usage)
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI error wording
+
+def _article(json_type: str) -> str:
+    return json_type if json_type == "null" else ("an " if json_type[0] in "aeiou" else "a ") + json_type
+
+
+def _openai_param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _openai_text(err: dict) -> str:
+    kind, loc, ctx = err["type"], err["loc"], err.get("ctx") or {}
+    param = _openai_param(loc)
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'."
+    if kind in _JSON_TYPES:
+        return (f"Invalid type for '{param}': expected {_article(_JSON_TYPES[kind])}, "
+                f"but got {_article(_json_type(err.get('input')))} instead.")
+    if kind == "string_too_short":
+        return f"Invalid '{param}': string too short. Expected a string with minimum length {ctx['min_length']}."
+    if kind == "string_too_long":
+        return f"Invalid '{param}': string too long. Expected a string with maximum length {ctx['max_length']}."
+    if kind == "too_short":
+        return f"Invalid '{param}': expected an array with minimum length {ctx['min_length']}."
+    return f"Invalid '{param}': {err['msg']}."
+
+
+def _openai_range_text(exc: InvalidRequestError, param: str | None, value: Any) -> str:
+    if not param:
+        return f"Invalid request: {exc}."
+    bound = _crossed_bound(exc, value)
+    if bound:
+        return f"Invalid '{param}': expected a value {bound}, but got {value} instead."
+    return f"Invalid '{param}': {_rest(exc)}."
