@@ -16,6 +16,7 @@ from gemlora.api.schemas import GenerateRequest
 from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
 from gemlora.finetunes.store import FinetuneError, FinetuneStore
 from gemlora.lora.adapter import AdapterError
+from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError
 from gemlora.text.chat import format_chat, format_prompt
 
@@ -63,6 +64,10 @@ class TextGeneration:
             first = await gen.__anext__()
         except InvalidRequestError as exc:
             raise bad_input(str(exc), exc.field) from exc
+        except UnknownAdapterError as exc:      # deleted between lookup and use
+            raise finetune_not_found(req.lora) from exc
+        except AdapterError as exc:             # its files no longer load (re-read after leaving RAM)
+            raise bad_input(f"finetune {req.lora} cannot be used: {exc}", "lora") from exc
         return _chain(first, gen)
 
 
