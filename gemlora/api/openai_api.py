@@ -19,7 +19,7 @@ from gemlora.api.errors import ApiError
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, sse, usage
-from gemlora.finetunes.store import FinetuneError
+from gemlora.finetunes.finetune import FinetuneError
 
 router = APIRouter()
 

@@ -14,7 +14,8 @@ from typing import AsyncIterator
 from gemlora.api.errors import ApiError, bad_input, context_window, finetune_missing_files, finetune_not_found
 from gemlora.api.schemas import GenerateRequest
 from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
-from gemlora.finetunes.store import FinetuneError, FinetuneStore
+from gemlora.finetunes.finetune import FinetuneError
+from gemlora.finetunes.store import FinetuneStore
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from gemlora.api.errors import ApiError, bad_input, no_such_model
 from gemlora.api.schemas import parse_run_body
 from gemlora.api.streaming import DONE, sse, usage
-from gemlora.finetunes.store import FinetuneError
+from gemlora.finetunes.finetune import FinetuneError
 from gemlora.lora.registry import AdapterInUseError
 
 router = APIRouter()

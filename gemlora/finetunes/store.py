@@ -36,8 +36,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,6 +43,8 @@ from gemlora.finetunes import files
 from gemlora.finetunes import public as public_folder
 from gemlora.finetunes.files import (ASSET_NAMES, CHUNK, CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME,  # noqa: F401
                                      FileTooLarge, FormatError, fsync_dir as _fsync_dir, mtime_iso as _mtime_iso)
+from gemlora.finetunes.finetune import (Asset, Finetune, FinetuneError, bad_input, missing_files,  # noqa: F401
+                                        not_found, now_iso, too_large)
 from gemlora.finetunes.public import PUBLIC_ACCOUNT, PUBLIC_NAMESPACE  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -78,74 +78,6 @@ CREATE TABLE IF NOT EXISTS assets (
     UNIQUE (finetune_id, file_name)
 );
 """
-
-
-class FinetuneError(Exception):
-    """A refused finetune operation: Workers AI error `code`, HTTP `status` and a message for the user."""
-
-    def __init__(self, code: int, status: int, message: str):
-        super().__init__(message)
-        self.code, self.status, self.message = code, status, message
-
-    def __repr__(self) -> str:
-        return f"FinetuneError({self.code}, {self.status}, {self.message!r})"
-
-
-def not_found(what: str) -> FinetuneError:
-    return FinetuneError(3037, 404, f"Finetune {what} not found")
-
-
-def missing_files() -> FinetuneError:
-    return FinetuneError(3039, 400, "Finetune is missing required files (model.safetensors and config.json)")
-
-
-def bad_input(message: str) -> FinetuneError:
-    return FinetuneError(5006, 400, message)
-
-
-def too_large(message: str) -> FinetuneError:
-    return FinetuneError(3006, 413, f"Request is too large: {message}")
-
-
-@dataclass(frozen=True)
-class Finetune:
-    id: str
-    account_id: str
-    name: str
-    model: str
-    description: str
-    public: bool
-    created_at: str
-    modified_at: str
-    assets: frozenset[str]
-    path: Path
-    summary: str | None
-
-    @property
-    def ready(self) -> bool:
-        return self.assets == frozenset(ASSET_NAMES) and self.summary is not None
-
-    def to_api(self) -> dict:
-        return {"id": self.id, "name": self.name, "model": self.model, "description": self.description,
-                "public": self.public, "created_at": self.created_at, "modified_at": self.modified_at}
-
-
-@dataclass(frozen=True)
-class Asset:
-    id: str
-    finetune_id: str
-    file_name: str
-    bucket_name: str
-    created_at: str
-    modified_at: str
-
-    def to_api(self) -> dict:
-        return {"id": self.id, "bucket_name": self.bucket_name, "created_at": self.created_at,
-                "file_name": self.file_name, "finetune_id": self.finetune_id, "modified_at": self.modified_at}
-
-
-def now_iso() -> str:
-    return files.iso(datetime.now(timezone.utc))
 
 
 class FinetuneStore:
