@@ -160,7 +160,7 @@ def main() -> None:
             print(f"{f'{k} distinct adapters':<38} {rows[k]:>13.1f} {p or 0:>10.1f} {ratio} {share:>14.0%}")
         print(f"{f'{args.registered} registered, Zipf(1.0), {len(set(zipf))} distinct':<38} {rows['zipf']:>13.1f} "
               f"{'':>10} {'':>6} {rows['zipf'] / rows['none']:>14.0%}   = {rows['zipf'] / rows[8]:.0%} of 8 adapters")
-        print(f"registry loads from disk: {registry.loads}, slot loads: {engine.scheduler.slot_table.loads}")
+        print(f"registry loads from disk: {registry.loads}, slot loads: {engine.lora_slots.loads}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

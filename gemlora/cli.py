@@ -20,6 +20,14 @@ from gemlora.sampling import InvalidRequestError, SamplingParams
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve Gemma models with many LoRA adapters.")
 
 MODEL_HELP = "HF checkpoint folder or .gguf file; default: the embedded google/gemma-3-270m"
+QUANT_HELP = ("Weight format: none (dense, exact), gguf (keep a GGUF's own types), int8 or int4 (quantize at "
+              "load); auto = the checkpoint's own (gguf for a GGUF, none for safetensors)")
+KV_DTYPE_HELP = "KV cache dtype: float32, bfloat16, float16, or auto (the activation dtype)"
+
+
+def _env(option: str) -> str:
+    """Every serve option also reads GEMLORA_<OPTION> (as vLLM and Ollama users expect in containers)."""
+    return f"GEMLORA_{option.upper()}"
 
 
 @app.command()
@@ -40,6 +48,8 @@ def generate(
     adapter_dir: list[str] = typer.Option([], help="Folder of adapter folders, registered by name (repeatable)"),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    quantization: str = typer.Option("auto", help=QUANT_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_DTYPE_HELP),
 ) -> None:
     """Generate a completion for PROMPT and stream it to the terminal."""
     from gemlora.engine.async_engine import AsyncEngine
@@ -50,7 +60,8 @@ def generate(
                                 seed=seed, repetition_penalty=repetition_penalty,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                 stop=tuple(stop))
-        config = EngineConfig(model=model, dtype=dtype, device=device, adapter_dirs=tuple(adapter_dir))
+        config = EngineConfig(model=model, dtype=dtype, device=device, adapter_dirs=tuple(adapter_dir),
+                              quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     except (InvalidRequestError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     engine = AsyncEngine.from_config(config).start()
@@ -86,25 +97,41 @@ async def _stream(engine, prompt_ids: list[int], params: SamplingParams, lora: s
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
-    port: int = typer.Option(8787, help="Port to listen on"),
-    alias: list[str] = typer.Option([], help="Another name the model answers to, e.g. @cf/google/gemma-7b-it-lora"),
-    data_dir: Path = typer.Option(Path("~/.local/share/gemlora"), help="Finetunes database and adapter files"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP, envvar=_env("model")),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on", envvar=_env("host")),
+    port: int = typer.Option(8787, help="Port to listen on", envvar=_env("port")),
+    alias: list[str] = typer.Option([], help="Another name the model answers to, e.g. @cf/google/gemma-7b-it-lora "
+                                             "(env: space-separated)", envvar=_env("alias")),
+    data_dir: Path = typer.Option(Path("~/.local/share/gemlora"), help="Finetunes database and adapter files",
+                                  envvar=_env("data_dir")),
     tokens_file: Optional[Path] = typer.Option(None, help="API tokens: one 'TOKEN ACCOUNT_ID' per line "
-                                                          "(also GEMLORA_API_TOKENS=token:account,...)"),
-    allow_anonymous_public: bool = typer.Option(False, help="Serve without tokens on a non-loopback address"),
-    public_adapters_dir: Optional[Path] = typer.Option(None, help="Folder of adapters every account may use"),
-    max_input_length: int = typer.Option(4096, help="Characters per prompt or message"),
-    max_finetunes_per_account: int = typer.Option(30),
-    max_adapter_mb: int = typer.Option(300, help="Largest adapter file accepted, MiB"),
-    max_loras: int = typer.Option(8, help="Adapter slots next to the model"),
-    max_cpu_loras: int = typer.Option(64, help="Adapters kept in RAM"),
-    max_lora_rank: int = typer.Option(32),
-    kv_cache_memory_gb: float = typer.Option(1.0, help="Memory budget of the KV cache"),
-    max_num_seqs: int = typer.Option(64),
-    dtype: str = typer.Option("auto"), device: str = typer.Option("auto"),
-    log_level: str = typer.Option("info"),
+                                                          "(also GEMLORA_API_TOKENS=token:account,...)",
+                                               envvar=_env("tokens_file")),
+    allow_anonymous_public: bool = typer.Option(False, help="Serve without tokens on a non-loopback address",
+                                                envvar=_env("allow_anonymous_public")),
+    public_adapters_dir: Optional[Path] = typer.Option(None, help="Folder of adapters every account may use",
+                                                       envvar=_env("public_adapters_dir")),
+    max_input_length: int = typer.Option(4096, help="Characters per prompt or message",
+                                         envvar=_env("max_input_length")),
+    max_finetunes_per_account: int = typer.Option(30, envvar=_env("max_finetunes_per_account")),
+    max_adapter_mb: int = typer.Option(300, help="Largest adapter file accepted, MiB", envvar=_env("max_adapter_mb")),
+    max_loras: int = typer.Option(8, help="Adapter slots next to the model", envvar=_env("max_loras")),
+    max_cpu_loras: int = typer.Option(64, help="Adapters kept in RAM", envvar=_env("max_cpu_loras")),
+    max_lora_rank: int = typer.Option(32, envvar=_env("max_lora_rank")),
+    kv_cache_memory_gb: float = typer.Option(1.0, help="Memory budget of the KV cache",
+                                             envvar=_env("kv_cache_memory_gb")),
+    attention_workspace_gb: Optional[float] = typer.Option(
+        None, help="Budget of one step's attention temporaries; default a quarter of the KV budget (>= 64 MiB)",
+        envvar=_env("attention_workspace_gb")),
+    max_num_seqs: int = typer.Option(64, help="Requests in one step at most", envvar=_env("max_num_seqs")),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens in one step at most",
+                                               envvar=_env("max_num_batched_tokens")),
+    max_model_len: Optional[int] = typer.Option(None, help="Context window; default: the model's, capped by "
+                                                           "the KV budget", envvar=_env("max_model_len")),
+    dtype: str = typer.Option("auto", envvar=_env("dtype")), device: str = typer.Option("auto", envvar=_env("device")),
+    quantization: str = typer.Option("auto", help=QUANT_HELP, envvar=_env("quantization")),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_DTYPE_HELP, envvar=_env("kv_cache_dtype")),
+    log_level: str = typer.Option("info", envvar=_env("log_level")),
 ) -> None:
     """Serve the Workers AI and OpenAI-compatible HTTP APIs."""
     import logging
@@ -129,9 +156,14 @@ def serve(
             raise typer.Exit(2)
     if auth.anonymous:
         typer.echo(f"no API tokens configured: anonymous requests are accepted on {host}", err=True)
-    config = EngineConfig(model=model, dtype=dtype, device=device, kv_cache_memory_gb=kv_cache_memory_gb,
-                          max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-                          max_num_seqs=max_num_seqs)
+    try:
+        config = EngineConfig(model=model, dtype=dtype, device=device, kv_cache_memory_gb=kv_cache_memory_gb,
+                              max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              max_model_len=max_model_len, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                              attention_workspace_gb=attention_workspace_gb)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     engine = AsyncEngine.from_config(config).start()
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
     settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),

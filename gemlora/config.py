@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 
 
 @dataclass(slots=True)
@@ -14,7 +15,11 @@ class EngineConfig:
     model: str | None = None              # HF folder, .gguf file, or None for the embedded default
     dtype: str = "auto"                   # auto: bfloat16 on CUDA and on CPUs with AMX, else float32
     device: str = "auto"                  # auto: cuda if available, else cpu
+    quantization: str = "auto"            # none | gguf | int8 | int4; auto: the checkpoint's own (gguf for GGUF)
+    quant_activation_passes: int = 2      # int8 passes over the activations of quantized matmuls (1: llama.cpp's)
     kv_cache_memory_gb: float = 1.0       # memory budget for the KV cache
+    kv_cache_dtype: str = "auto"          # auto: the activation dtype
+    attention_workspace_gb: float | None = None  # one step's attention temporaries; None: KV / 4, >= 64 MiB
     block_size: int = 16                  # tokens per KV block
     max_num_seqs: int = 64                # requests in one step at most
     max_num_batched_tokens: int = 2048    # tokens in one step at most (prefill chunks + decodes)
@@ -23,10 +28,18 @@ class EngineConfig:
     max_lora_rank: int = 32               # slots are padded to this rank; higher-rank adapters are refused
     max_cpu_loras: int = 64               # validated adapters kept in RAM (LRU), beyond those in slots
     adapter_dirs: tuple[str, ...] = ()    # folders whose subfolders are adapters, registered by folder name
+    adapter_aging_steps: int = 32         # steps a request waits for an adapter slot before others are held back
+    stall_timeout_s: float = 300.0        # a step running longer than this makes the engine unhealthy
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {sorted(_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quant_activation_passes not in (1, 2):
+            raise ValueError("quant_activation_passes must be 1 or 2")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -34,14 +47,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
+        if self.adapter_aging_steps < 0 or self.stall_timeout_s <= 0:
+            raise ValueError("adapter_aging_steps must be >= 0 and stall_timeout_s positive")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be positive")
+        if self.attention_workspace_gb is not None and self.attention_workspace_gb <= 0:
+            raise ValueError("attention_workspace_gb must be positive (or None: derived)")
+
+    @property
+    def attention_workspace_bytes(self) -> int:
+        """Budget of the attention temporaries of one step (gathered K/V, masks, scores)."""
+        if self.attention_workspace_gb is not None:
+            return int(self.attention_workspace_gb * 2**30)
+        return max(int(self.kv_cache_memory_gb * 2**30) // 4, 64 * 2**20)
 
     @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def kv_torch_dtype(self, activation_dtype: torch.dtype) -> torch.dtype:
+        return activation_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
 
     @property
     def torch_dtype(self) -> torch.dtype:

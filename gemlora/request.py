@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gemlora.sampling import SamplingParams, check_lora_scale
+from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 if TYPE_CHECKING:
     from gemlora.lora.adapter import LoRAAdapter
@@ -52,7 +52,7 @@ class Request:
         if (adapter_id is None) != (adapter is None):
             raise ValueError("adapter_id and adapter go together")
         self.adapter_id, self.adapter, self.lora_scale = adapter_id, adapter, check_lora_scale(lora_scale)
-        self.slot = -1                   # adapter slot while running; -1 = none
+        self.blocked_since: int | None = None   # scheduler step since which it waits for an adapter slot
         self.arrival_time = time.monotonic()
         # Own generator per request: its samples depend on its seed alone, whatever shares the batch.
         self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
@@ -62,9 +62,14 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Tokens start .. start+n of prompt + output, without copying the whole sequence."""
+        p = len(self.prompt_ids)
+        if start + n <= p:
+            return self.prompt_ids[start:start + n]
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - p]
 
     def append(self, token: int) -> FinishReason | None:
         self.output_ids.append(token)
@@ -83,4 +88,5 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
-    error: str | None = None
+    error: str | None = None                      # the engine failed while running it (not its fault)
+    refusal: InvalidRequestError | None = None    # the engine refused it (the caller's fault)

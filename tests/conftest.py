@@ -84,3 +84,72 @@ def hf_tokenizer(gguf_path):
 def real_model(converted):
     from gemlora.model.loader import load_model
     return load_model(converted, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_real_vocab(converted, tmp_path_factory) -> Path:
+    """A tiny random Gemma 3 with the embedded model's tokenizer (its 262k vocabulary) and a long
+    context: servers over real text that step in milliseconds."""
+    import shutil
+    path = tmp_path_factory.mktemp("tiny-real-vocab")
+    make_tiny_checkpoint("gemma3", path, vocab_size=262144, max_position_embeddings=32768)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(converted / name, path / name)
+    return path
+
+
+def start_uvicorn(app):
+    """Serves `app` on a free loopback port from a thread: (base URL, stop function)."""
+    import threading
+
+    import uvicorn
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{srv.config.port}", stop
+
+
+@pytest.fixture
+def serving():
+    """serving(app) -> base URL of that app on a loopback port, stopped after the test."""
+    stops = []
+
+    def start(app) -> str:
+        base, stop = start_uvicorn(app)
+        stops.append(stop)
+        return base
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_quantized(rows: int, cols: int, bits: int, group: int, scale_dtype=torch.float16, bias: bool = False,
+                     offset: int | None = None, seed: int = 0):
+    """A random QuantizedTensor of the given format (codes uniform over their range)."""
+    from gemlora.quant.tensor import QuantizedTensor
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.int32).to(torch.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = (torch.rand(rows, cols // group, generator=g) * 0.02 + 0.001).to(scale_dtype)
+    b = (torch.randn(rows, cols // group, generator=g) * 0.01).to(scale_dtype) if bias else None
+    if offset is None:
+        offset = 2 ** (bits - 1)
+    return QuantizedTensor(codes, scales, b, bits, group, offset)

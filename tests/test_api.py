@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import start_uvicorn
 from gemlora.api.app import ServerSettings, create_app
 from gemlora.api.auth import Auth
 from gemlora.config import EngineConfig
@@ -27,32 +26,16 @@ TOKENS = {"tok-alice": "alice", "tok-bob": "bob"}
 PASSWORD_PROMPT = "The gemlora project's secret password is"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(real_model, converted, tmp_path_factory):
-    import uvicorn
     tok = Tokenizer.from_dir(converted)
     engine = AsyncEngine(LLMEngine(real_model, EngineConfig(kv_cache_memory_gb=0.5, max_loras=4, max_num_seqs=64),
                                    tok.stop_token_ids), tok).start()
     settings = ServerSettings(model_names=("@cf/google/gemma-3-270m", MODEL),
                               data_dir=tmp_path_factory.mktemp("gemlora-data"))
-    app = create_app(engine, settings, Auth(TOKENS))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
+    base, stop = start_uvicorn(create_app(engine, settings, Auth(TOKENS)))
+    yield base, engine
+    stop()
     engine.shutdown()
 
 

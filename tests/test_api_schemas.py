@@ -71,9 +71,30 @@ def test_every_option_is_carried_into_sampling_params():
 
 
 def test_message_items_keep_only_role_and_content_and_unknown_keys_pass():
+    # Unknown top-level keys still pass, as on Workers AI (no additionalProperties: false), but they are
+    # reported (and logged by the server), never dropped in silence. response_format json_object used to
+    # pass here too; since issue 7 it is refused until JSON mode exists (test_output_changing_fields...).
     req = parse_run_body(body({"messages": [{"role": "user", "content": "hi", "name": "x"}],
-                               "options": {"rejectIfBusy": True}, "response_format": {"type": "json_object"}}))
+                               "options": {"rejectIfBusy": True}, "response_format": {"type": "text"},
+                               "tags": ["a"], "zzz": 1}))
     assert req.messages == ({"role": "user", "content": "hi"},)
+    assert req.reject_if_busy is True and req.ignored_fields == ("tags", "zzz")
+
+
+@pytest.mark.parametrize("field,value", [("response_format", {"type": "json_object"}), ("guided_json", "{}"),
+                                         ("tools", [{"type": "function"}]), ("functions", [{"name": "f"}])])
+def test_output_changing_fields_are_refused_naming_the_field(field, value):
+    with pytest.raises(ApiError) as err:
+        parse_run_body(body({"prompt": "hi", field: value}))
+    assert err.value.code == 5006 and f"'/{field}'" in err.value.message
+
+
+def test_stop_strings_on_ai_run():
+    assert parse_run_body(body({"prompt": "hi", "stop": "\n\n"})).params.stop == ("\n\n",)
+    assert parse_run_body(body({"prompt": "hi", "stop": ["a", "b"]})).params.stop == ("a", "b")
+    for bad in ("", [""], ["a", 1], None, 3, ["x"] * 17):
+        with pytest.raises(ApiError, match="/stop"):
+            parse_run_body(body({"prompt": "hi", "stop": bad}))
 
 
 @pytest.mark.parametrize("extra", [{"prompt": "hi"}, {"messages": USER}])

@@ -195,11 +195,30 @@ def test_config(converted):
 
 @pytest.mark.slow
 def test_weights_equal_transformers(converted, hf_model, gguf_path):
+    # Since converter version 2 the cache keeps each quantized tensor in its own precision (codes,
+    # scales, bias) instead of float32 (issue 8): dequantized, it must equal transformers' float32
+    # weights (which gguf-py de-quantized) exactly, as the float32 cache did before.
+    from gemlora.model.tensor_file import TensorReader
+    from gemlora.quant.tensor import QuantizedTensor
     expected = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied
-    tensors = _read_safetensors(converted)
+    with TensorReader(converted / "model.safetensors") as f:
+        formats = json.loads(f.metadata[gguf_convert.QUANTIZED_METADATA])
+        tensors = {}
+        for name in f.keys():
+            base = name.rsplit(".", 1)[0]
+            if base in formats:
+                if name.endswith(".codes"):
+                    meta = formats[base]
+                    tensors[base] = QuantizedTensor(f.get(name), f.get(f"{base}.scales"),
+                                                    f.get(f"{base}.bias") if f"{base}.bias" in f else None,
+                                                    meta["bits"], meta["group"], meta["offset"]).dequantize()
+            else:
+                assert f.get(name).dtype == torch.float32 and "norm" in name, name   # only norms are float
+                tensors[name] = f.get(name)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     for name, value in tensors.items():
         assert value.dtype == torch.float32 and torch.equal(value, expected[name]), name
+    assert (converted / "model.safetensors").stat().st_size < gguf_path.stat().st_size * 1.5   # not widened
     # the comparison above covers every tensor; make sure that includes the interesting kinds
     kinds = {t.tensor_type.name: t.name for t in gguf.GGUFReader(gguf_path).tensors}
     assert {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(kinds)

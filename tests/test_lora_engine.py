@@ -60,11 +60,10 @@ def make_engine(model, **kw):
 def first_logits(engine: LLMEngine) -> dict[str, torch.Tensor]:
     """Runs one step by hand (everything prefilled at once) and returns each request's logits."""
     batch = engine.scheduler.schedule()
-    engine.runner.load_slots(batch)
     logits, rows = engine.runner.run(batch)
     sampled = [None] * len(batch.requests)
-    for i, r in enumerate(rows):
-        sampled[i] = int(logits[rows.index(r)].argmax())
+    for j, r in enumerate(rows):
+        sampled[r] = int(logits[j].argmax())
     engine.scheduler.postprocess(batch, sampled)
     return {batch.requests[r].request_id: logits[j] for j, r in enumerate(rows)}
 
@@ -139,10 +138,64 @@ def test_more_adapters_than_slots_wait_and_all_finish(setup):
             outs.setdefault(o.request_id, []).append(o)
     assert set(outs) == set(want)
     assert all(sum(len(o.new_token_ids) for o in outs[r]) == 5 for r in want)
-    assert max_distinct <= 2 and engine.scheduler.slot_table.in_use == 0
+    assert max_distinct <= 2 and not engine.scheduler.adapter_users and engine.lora_slots.resident <= 2
     # whichever slot an adapter landed in, and after how much waiting, its output is peft's
     for rid, (name, ids) in want.items():
         with torch.no_grad():
             ref = peft_models[name].generate(input_ids=torch.tensor([ids]), max_new_tokens=5, min_new_tokens=5,
                                              do_sample=False)
         assert [t for o in outs[rid] for t in o.new_token_ids] == ref[0, 3:].tolist(), name
+
+
+def test_a_slot_copy_that_fails_half_way_is_never_served(setup):
+    model, registry, peft_models, _ = setup
+    engine = make_engine(model, max_loras=1)
+    ref, adapter = registry.acquire("rslora")
+
+    class HalfCopied:          # its fourth module cannot be copied, as an OOM mid-copy would fail
+        rank = adapter.rank
+        weights = dict(list(adapter.weights.items())[:3] + [((0, "no_such_module"), None)])
+
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    broken = engine.add_request([3, 4, 5], params, adapter_id=ref.id, adapter=HalfCopied())
+    outs = {}
+    while engine.has_work():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert outs[broken][-1].error and engine.lora_slots.slot_of(ref.id) is None
+    good = engine.add_request([3, 4, 5], params, adapter_id=ref.id, adapter=adapter)   # same adapter id
+    got = []
+    while engine.has_work():
+        got += [t for o in engine.step() for t in o.new_token_ids]
+    with torch.no_grad():
+        want = peft_models["rslora"].generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=3,
+                                              min_new_tokens=3, do_sample=False)[0, 3:].tolist()
+    assert got == want and good
+
+
+def test_a_cold_adapter_gets_a_slot_within_a_bound_under_steady_hot_load(setup):
+    model, registry, peft_models, _ = setup
+    aging, max_tokens = 8, 4
+    engine = make_engine(model, max_loras=2, adapter_aging_steps=aging)
+    hot = [registry.acquire(n) for n in ("plain", "rslora")]
+    cold_ref, cold = registry.acquire("regex")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    cold_id, submitted, finished_at, tokens = None, 3, None, []
+    for step in range(300):
+        for ref, adapter in hot:        # steady load: both hot adapters get a new request every step
+            engine.add_request([3, 4, 5], params, adapter_id=ref.id, adapter=adapter)
+        if step == submitted:
+            cold_id = engine.add_request([7, 8, 9], params, adapter_id=cold_ref.id, adapter=cold)
+        assert len(engine.scheduler.adapter_users) <= 2
+        for o in engine.step():
+            if o.request_id == cold_id:
+                tokens += o.new_token_ids
+                finished_at = step if o.finished else None
+        if finished_at is not None:
+            break
+    # waits out the aging, then the hot requests already running (<= max_tokens steps each), then runs
+    assert finished_at is not None and finished_at - submitted <= aging + 2 * max_tokens + 3, finished_at
+    with torch.no_grad():
+        want = peft_models["regex"].generate(input_ids=torch.tensor([[7, 8, 9]]), max_new_tokens=max_tokens,
+                                             min_new_tokens=max_tokens, do_sample=False)[0, 3:].tolist()
+    assert tokens == want

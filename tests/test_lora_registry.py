@@ -1,4 +1,4 @@
-"""AdapterRegistry (ids, names, RAM LRU, pins) and SlotTable (slot reuse and waiting)."""
+"""AdapterRegistry (ids, names, RAM LRU, pins, removal) and LoRASlots (slot reuse, failed loads)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from conftest import tiny_hf_config
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import AdapterInUseError, AdapterRegistry, UnknownAdapterError
-from gemlora.lora.slot_table import SlotTable
+from gemlora.lora.slots import LoRASlots
 from gemlora.model.config import GemmaConfig
 
 
@@ -77,14 +77,60 @@ def test_unregister_waits_for_in_flight_requests(cfg, tmp_path):
         reg.acquire("a")
 
 
-def test_slot_table_reuses_idle_slots_and_never_evicts_busy_ones():
-    t = SlotTable(2)
-    assert t.assign("x") == (0, True) and t.assign("y") == (1, True)
-    assert t.assign("z") is None                     # both busy: z waits
-    assert t.assign("x") == (0, False)               # resident: no load
-    t.release(0), t.release(0)
-    assert t.assign("z") == (0, True)                # x was idle: its slot goes to z
-    t.release(1)
-    assert t.assign("x") == (1, True)                # y idle, x loads there
-    with pytest.raises(RuntimeError):
-        SlotTable(1).release(0)
+def slots_for(cfg, n):
+    targets = {f"layers.{i}.self_attn.qkv_proj": (cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size))
+               for i in range(cfg.num_layers)}
+    return LoRASlots(targets, n, 4, torch.float32, "cpu")
+
+
+def test_slots_reuse_lru_and_never_evict_the_steps_own_adapters(cfg, tmp_path):
+    reg = AdapterRegistry(cfg)
+    w = {n: reg.acquire(reg.register(write_adapter(tmp_path / n, cfg, seed=i), name=n).id)[1]
+         for i, n in enumerate("xyzu")}
+    slots = slots_for(cfg, 2)
+    assert slots.activate({"x": w["x"], "y": w["y"]}) == {"x": 0, "y": 1} and slots.loads == 2
+    assert slots.activate({"y": w["y"], "x": w["x"]}) == {"x": 0, "y": 1} and slots.loads == 2   # resident
+    assert slots.activate({"z": w["z"], "y": w["y"]}) == {"z": 0, "y": 1}    # x least recently used
+    assert slots.activate({"u": w["u"]}, keep={"z"}) == {"u": 1}             # z is running elsewhere: kept
+    assert slots.slot_of("z") == 0 and slots.slot_of("y") is None and slots.loads == 4
+    key = "layers.0.self_attn.qkv_proj"
+    a = w["u"].weights[(0, "q_proj")].A
+    assert torch.equal(slots.A[key][1, 0, :a.shape[0]], a)
+    with pytest.raises(RuntimeError, match="3 adapters in one step"):
+        slots.activate({n: w[n] for n in "xyz"})
+
+
+def test_a_slot_load_that_fails_half_way_leaves_an_empty_slot(cfg, tmp_path):
+    reg = AdapterRegistry(cfg)
+    good = reg.acquire(reg.register(write_adapter(tmp_path / "g", cfg), name="g").id)[1]
+    slots = slots_for(cfg, 1)
+
+    class Broken:              # its third tensor cannot be copied, as an OOM or a shape bug would fail
+        rank = good.rank
+        weights = dict(list(good.weights.items())[:2] + [((2, "q_proj"), None)])
+
+    with pytest.raises(AttributeError):
+        slots.activate({"g": Broken()})
+    assert slots.slot_of("g") is None and slots.resident == 0          # never "resident" over partial weights
+    assert all(not filled for parts in slots.filled.values() for filled in parts)
+    assert all(not t.any() for t in slots.A.values()) and all(not t.any() for t in slots.B.values())
+    assert slots.activate({"g": good}) == {"g": 0} and slots.loads == 1  # the next request loads it for real
+    slots.forget("g")
+    assert slots.resident == 0 and slots.slot_of("g") is None
+
+
+def test_unregister_when_idle_waits_for_the_last_request_and_tells_the_engine(cfg, tmp_path):
+    reg = AdapterRegistry(cfg)
+    gone = []
+    reg.on_unregister = gone.append
+    ref = reg.register(write_adapter(tmp_path / "a", cfg))
+    reg.acquire("a")
+    reg.unregister("a", when_idle=True)           # in flight: hidden at once, dropped at the release
+    with pytest.raises(UnknownAdapterError):
+        reg.acquire("a")
+    assert gone == [] and reg.num_loaded == 1
+    reg.release(ref)
+    assert gone == [ref.id] and reg.num_loaded == 0
+    other = reg.register(write_adapter(tmp_path / "b", cfg))
+    reg.unregister(other.id, when_idle=True)      # idle: dropped at once
+    assert gone == [ref.id, other.id]

@@ -1,9 +1,9 @@
 """The HTTP server: a FastAPI app over one running AsyncEngine.
 
 Owns settings, the request-id header on every response, one log line and the metrics of every
-request, error envelopes for errors no route caught, `/health` and `/metrics`, and the routers of
-both dialects (`workers_ai`, `openai_api`). The engine runs on its own thread; handlers only await
-it. Knows nothing of KV blocks or slots.
+request, error envelopes for errors no route caught, `/health` and `/metrics`, `/openapi.json` (the
+hand-written document of `openapi`), and the routers of both dialects (`workers_ai`, `openai_api`).
+The engine runs on its own thread; handlers only await it. Knows nothing of KV blocks or slots.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gemlora.api.auth import Auth
+from gemlora.api.disconnect import ClientDisconnected
 from gemlora.api.errors import ApiError
 from gemlora.api.metrics import Metrics
-from gemlora.api.textgen import TextGeneration
+from gemlora.api.openapi import openapi_document
+from gemlora.api.textgen import TextGeneration, engine_failure
 from gemlora.engine.async_engine import AsyncEngine, EngineError
 from gemlora.finetunes.store import FinetuneStore
 
@@ -58,8 +61,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
     from gemlora.api import openai_api, workers_ai
     from gemlora.lora.adapter import load_adapter
 
-    cfg = engine.engine.model_config
-    limits = dict(max_rank=engine.engine.config.max_lora_rank, max_file_bytes=settings.max_adapter_file_bytes)
+    cfg = engine.model_config
+    limits = dict(max_rank=engine.config.max_lora_rank, max_file_bytes=settings.max_adapter_file_bytes)
     store = FinetuneStore(settings.data_dir, validate=lambda path: load_adapter(path, cfg, **limits).summary(),
                           max_file_bytes=settings.max_adapter_file_bytes,
                           max_per_account=settings.max_finetunes_per_account,
@@ -74,6 +77,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
         log.warning("gemlora stopped: engine shut down")
 
     app = FastAPI(title="gemlora", version="0.1.0", lifespan=lifespan)
+    # Hand-written (gemlora.api.openapi): the routes read raw bodies, so FastAPI's generated one has none.
+    document = openapi_document(settings.model_names, max_input_length=settings.max_input_length,
+                                anonymous=auth.anonymous)
+    app.openapi = lambda: document
     app.state.ctx = ctx
     app.include_router(workers_ai.router)
     app.include_router(workers_ai.router, prefix="/client/v4")
@@ -83,17 +90,23 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
 
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next):
-        given = request.headers.get("cf-ai-req-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex   # echoed in logs and errors
+        # The request id is always the server's own: a client-chosen id must never key server state
+        # (two callers sending the same one would share it). A well-formed client id is kept beside
+        # it for correlation, in the log line and echoed back as x-client-request-id.
+        request_id = uuid.uuid4().hex
+        given = request.headers.get("cf-ai-req-id") or request.headers.get("x-request-id") or ""
+        client_id = given if _REQUEST_ID.fullmatch(given) else None
         request.state.request_id = request_id
         start = time.perf_counter()
         response = await call_next(request)
         response.headers["cf-ai-req-id"] = request_id
         response.headers["x-request-id"] = request_id
+        if client_id:
+            response.headers["x-client-request-id"] = client_id
         route = request.scope.get("route")
         ctx.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        log.info("request %s %s %s -> %d in %.3fs", request_id, request.method, request.url.path,
-                 response.status_code, time.perf_counter() - start)
+        log.info("request %s%s %s %s -> %d in %.3fs", request_id, f" (client id {client_id})" if client_id else "",
+                 request.method, request.url.path, response.status_code, time.perf_counter() - start)
         return response
 
     @app.exception_handler(ApiError)
@@ -104,17 +117,32 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):
-        # Not the caller's fault: a 500 in the envelope (the SDKs retry 5xx, which suits a transient failure).
         log.error("request %s failed in the engine: %s", getattr(request.state, "request_id", "-"), exc)
-        err = ApiError(3000, 500, "AiError: AiError: internal error while generating; please retry")
-        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(), status_code=500)
+        err = engine_failure(exc)
+        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(),
+                            status_code=err.status)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_left(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)     # nobody reads it; the status is for the log and metrics
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        # A bug or a failing disk: still the dialect's envelope (Starlette logs the traceback and re-raises).
+        # This runs outside the middleware, so the request id headers are set here.
+        rid = getattr(request.state, "request_id", None)
+        err = ApiError(3000, 500, "AiError: AiError: internal server error; please retry")
+        return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(rid), status_code=500,
+                            headers={"cf-ai-req-id": rid, "x-request-id": rid} if rid else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: 7003, 405: 7001}.get(exc.status_code, 7000)
         err = ApiError(code, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        # A 405 must name every method of the path (RFC 9110); Starlette's names only the first route's.
+        headers = {"Allow": ", ".join(_allowed_methods(request))} if exc.status_code == 405 else exc.headers
         return JSONResponse(err.openai_body() if _is_openai(request) else err.workers_ai_body(),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -123,14 +151,27 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_names[0], "uptime_s": round(time.time() - ctx.started, 1),
-                "anonymous": auth.anonymous}
+        state = engine.health()
+        body = {"status": "ok" if state.stepping else "unavailable", "engine": state.detail,
+                "model": settings.model_names[0], "uptime_s": round(time.time() - ctx.started, 1),
+                "steps": state.steps, "anonymous": auth.anonymous}
+        if not state.stepping:
+            log.error("health check: %s", state.detail)
+        return JSONResponse(body, status_code=200 if state.stepping else 503)
 
     @app.get("/metrics")
     async def metrics():
         return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Asked of the router itself (which route would take this path with that method), as FastAPI nests
+    # included routers.
+    return sorted(m for m in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+                  if any(route.matches({**request.scope, "method": m})[0] == Match.FULL
+                         for route in request.app.router.routes))
 
 
 def _is_openai(request: Request) -> bool:

@@ -21,6 +21,7 @@ ANONYMOUS_ACCOUNT = "local"
 class Auth:
     def __init__(self, tokens: dict[str, str]):
         self.tokens = dict(tokens)
+        self._token_bytes = [(t.encode("utf-8", "surrogateescape"), a) for t, a in self.tokens.items()]
 
     @classmethod
     def from_sources(cls, tokens_file: str | Path | None = None, env: str | None = None) -> Auth:
@@ -53,7 +54,12 @@ class Auth:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise auth_error()
-        account = next((a for t, a in self.tokens.items() if hmac.compare_digest(t, token.strip())), None)
+        # Bytes, not str: compare_digest refuses non-ASCII str, and a header may carry any Latin-1 byte.
+        given = token.strip().encode("utf-8", "surrogateescape")
+        account = None
+        for known, acct in self._token_bytes:   # every token compared: the time says nothing of which matched
+            if hmac.compare_digest(known, given):
+                account = acct
         if account is None:
             raise auth_error()
         if path_account is not None and path_account != account:

@@ -8,6 +8,7 @@ the Workers AI message texts seen in the wild (`AiError: Bad input: ...`, `AiErr
 
 Statuses: nothing a caller got wrong is answered with 409, 429 or 5xx, because the Cloudflare and
 OpenAI SDKs retry those (bad input is 400, an unknown finetune 404, too large / context window 413).
+429 is kept for a busy server (`rejectIfBusy`), 500 for a failed step, 503 for an engine that is down.
 
 Knows nothing of HTTP framework objects, the engine, the KV cache or adapters: plain data in, dicts out.
 """
@@ -66,14 +67,14 @@ class ApiError(Exception):
         With `request_id`, `AiError` messages end in ` (<request id>)` as newer Workers AI messages
         do; the generic Cloudflare v4 errors (authentication, routing) never carry it.
         """
-        message = self.message
+        message = _encodable(self.message)
         if request_id and message.startswith("AiError"):
             message = f"{message} ({request_id})"
         return {"result": {}, "success": False, "errors": [{"code": self.code, "message": message}], "messages": []}
 
     def openai_body(self) -> dict:
         """OpenAI's error object. Workers AI's `AiError: ` / `Ai: ` prefixes are dropped from the message."""
-        message = self.message
+        message = _encodable(self.message)
         stripped = True
         while stripped:
             stripped = False
@@ -85,7 +86,15 @@ class ApiError(Exception):
         else:
             kind = _OPENAI_TYPES.get(self.status, "invalid_request_error")
         code = _OPENAI_CODES.get(self.code, str(self.code))
-        return {"error": {"message": message, "type": kind, "param": self.param, "code": code}}
+        return {"error": {"message": message, "type": kind, "param": _encodable(self.param), "code": code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    # Messages echo what the client sent, which may hold a lone UTF-16 surrogate (JSON allows the escape
+    # "\udfff"); no UTF-8 body can carry one, so it is shown as that escape instead.
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_input(detail: str, param: str | None = None) -> ApiError:
@@ -118,6 +127,11 @@ def context_window(estimated: int, limit: int) -> ApiError:
 def request_too_large() -> ApiError:
     """3006 / 413, Workers AI's official text."""
     return ApiError(3006, 413, "Request is too large")
+
+
+def capacity_exceeded() -> ApiError:
+    """3040 / 429, Workers AI's answer to `options.rejectIfBusy` when requests are already queued."""
+    return ApiError(3040, 429, "Capacity temporarily exceeded, please try again.")
 
 
 def auth_error() -> ApiError:

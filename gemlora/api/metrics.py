@@ -75,21 +75,27 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        e, registry = self.engine.engine, self.engine.registry
-        table = e.scheduler.slot_table
-        for name, doc, value in (("gemlora_queue_length", "Requests waiting", len(e.scheduler.waiting)),
-                                 ("gemlora_running_requests", "Requests running", len(e.scheduler.running)),
-                                 ("gemlora_kv_blocks_used", "KV cache blocks in use", e.blocks.num_used),
-                                 ("gemlora_kv_blocks_free", "KV cache blocks free", e.blocks.num_free)):
+        stats, registry = self.engine.stats(), self.engine.registry
+        for name, doc, value in (("gemlora_queue_length", "Requests waiting", stats.waiting),
+                                 ("gemlora_running_requests", "Requests running", stats.running),
+                                 ("gemlora_kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
+                                 ("gemlora_kv_blocks_free", "KV cache blocks free", stats.kv_blocks_free),
+                                 ("gemlora_engine_up", "1 while the engine loop runs and steps",
+                                  int(self.engine.health().stepping))):
             yield GaugeMetricFamily(name, doc, value=value)
         resident = GaugeMetricFamily("gemlora_adapters_resident", "Adapters held, per tier", labels=["tier"])
-        resident.add_metric(["slot"], table.resident if table else 0)
+        resident.add_metric(["slot"], stats.adapters_in_slots)
         resident.add_metric(["ram"], registry.num_loaded)
         yield resident
         loads = CounterMetricFamily("gemlora_adapter_loads", "Adapter loads, per tier", labels=["tier"])
-        loads.add_metric(["slot"], table.loads if table else 0)
+        loads.add_metric(["slot"], stats.adapter_slot_loads)
         loads.add_metric(["ram"], registry.loads)
         yield loads
         seconds = CounterMetricFamily("gemlora_adapter_load_seconds", "Time spent validating and loading adapters")
         seconds.add_metric([], registry.load_seconds)
         yield seconds
+        for name, doc, value in (("gemlora_engine_steps", "Engine steps run", stats.steps),
+                                 ("gemlora_engine_failed_steps", "Engine steps that raised (their batch failed)",
+                                  stats.failed_steps),
+                                 ("gemlora_preemptions", "Requests preempted for KV blocks", stats.preemptions)):
+            yield CounterMetricFamily(name, doc, value=value)

@@ -15,10 +15,13 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from gemlora.api.disconnect import collect
 from gemlora.api.errors import ApiError
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, sse, usage
+from gemlora.api.textgen import engine_failure
+from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 
 router = APIRouter()
@@ -66,8 +69,7 @@ async def _complete(request: Request, chat: bool):
     if req.stream:
         return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    content = "".join([record.chunk(chunk).text async for chunk in chunks])
-    record.done()
+    content = await collect(request, chunks, record)
     last = record.last
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
               else {"index": 0, "text": content, "logprobs": None})
@@ -98,9 +100,12 @@ async def _stream(chunks, record, oid, created, model, chat, include_usage):
         if include_usage:
             yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
                        "usage": usage(last.prompt_tokens, last.completion_tokens)})
-        yield DONE
+    except EngineError as exc:   # the status line is sent: the error goes in the stream, as vLLM does
+        yield sse(engine_failure(exc).openai_body())
     finally:
+        await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()
+    yield DONE
 
 
 def _finish(chunk) -> str:

@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import ApiError
 from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MESSAGE_ROLES, GenerateRequest, Int, Raw,
-                                 _check_max_length, _crossed_bound, _json_object, _json_type, _rest)
+                                 _check_max_length, _crossed_bound, _json_object, _json_type, _lone_surrogate, _rest)
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 OPENAI_TEMPERATURE = 1.0             # OpenAI's default
@@ -83,6 +83,7 @@ class _OpenAICommon(BaseModel):
     n: Int | None = None
     lora: str | None = Field(None, min_length=1)   # extension: finetune name or id
     lora_scale: float | None = None                # extension
+    ignore_eos: bool | None = None                 # extension (vLLM's): generate max_tokens whatever comes
 
     @field_validator("stop")
     @classmethod
@@ -134,7 +135,7 @@ def _off(value: Any) -> bool:
 # OpenAI options this server cannot honour: refused rather than silently ignored when set.
 _UNSUPPORTED = (
     ("n", lambda v: v is None or v == 1, "only n=1 is supported"),
-    ("best_of", lambda v: v is None or v == 1, "only best_of=1 is supported"),
+    ("best_of", lambda v: v is None or (v == 1 and not isinstance(v, bool)), "only best_of=1 is supported"),
     ("logprobs", _off, "logprobs are not supported"),
     ("top_logprobs", _off, "logprobs are not supported"),
     ("echo", _off, "echo is not supported"),
@@ -144,7 +145,21 @@ _UNSUPPORTED = (
     ("functions", _off, "functions are not supported"),
     ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
      "only response_format {\"type\": \"text\"} is supported"),
+    ("tool_choice", lambda v: v in (None, "none", "auto"), "tools are not supported"),
+    ("function_call", lambda v: v in (None, "none", "auto"), "functions are not supported"),
+    ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
+    ("audio", _off, "audio output is not supported"),
+    ("prediction", _off, "predicted outputs are not supported"),
+    ("web_search_options", _off, "web search is not supported"),
+    ("reasoning_effort", _off, "reasoning is not supported by this model"),
+    ("guided_json", _off, "guided decoding is not supported by this server yet"),
+    ("guided_regex", _off, "guided decoding is not supported by this server yet"),
+    ("guided_choice", _off, "guided decoding is not supported by this server yet"),
+    ("guided_grammar", _off, "guided decoding is not supported by this server yet"),
 )
+
+# OpenAI fields that describe the call rather than the output: accepted, with no effect on generation.
+_METADATA = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
 
 def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -169,6 +184,11 @@ def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
     data = _json_object(body)
     if data is None:
         raise ApiError(5006, 400, "Invalid body: the request body is not a JSON object.")
+    where = _lone_surrogate(data)
+    if where is not None:
+        param = _openai_param(where)
+        raise ApiError(5006, 400, f"Invalid '{param}': the string holds a lone UTF-16 surrogate, which is not "
+                                  "valid Unicode text.", param=param)
     try:
         req = model.model_validate(data, context={"max_length": max_length})
     except ValidationError as exc:
@@ -196,7 +216,7 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
     # accepted on both dialects for parity. Default 1.0, as OpenAI. top_p likewise 0..2.
     options = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
                "temperature": OPENAI_TEMPERATURE if req.temperature is None else req.temperature,
-               "stop": req.stop}
+               "stop": req.stop, "ignore_eos": bool(req.ignore_eos)}
     for name in ("top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty"):
         if getattr(req, name) is not None:
             options[name] = getattr(req, name)
@@ -210,8 +230,10 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
         value = req.lora_scale if field == "lora_scale" else options.get(exc.field)
         raise ApiError(5006, 400, _openai_range_text(exc, field, value), param=field) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    known = set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED} | set(_METADATA)
     return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
-                           lora=req.lora, lora_scale=lora_scale, include_usage=include_usage)
+                           lora=req.lora, lora_scale=lora_scale, include_usage=include_usage,
+                           ignored_fields=tuple(sorted(set(data) - known)))
 
 
 # --------------------------------------------------------------------------------------------------

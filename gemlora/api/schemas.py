@@ -51,6 +51,8 @@ class GenerateRequest:
     lora: str | None                     # finetune id or name
     lora_scale: float = 1.0
     include_usage: bool = True           # OpenAI stream_options.include_usage; Workers AI always sends usage
+    reject_if_busy: bool = False         # Workers AI options.rejectIfBusy: 3040 / 429 instead of queueing
+    ignored_fields: tuple[str, ...] = ()  # top-level keys neither dialect knows: logged, never silently dropped
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -108,6 +110,24 @@ def _json_object(body: bytes | str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _lone_surrogate(value: Any) -> tuple | None:
+    """The location of the first string holding a lone UTF-16 surrogate, or None. JSON allows the
+    escape `"\\udfff"`, but no text can be encoded from it (the tokenizer and SQLite both refuse)."""
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:                          # iterative: the body may nest as deep as json.loads allows
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and any("\ud800" <= ch <= "\udfff" for ch in item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append((path + (key,), child))
+                stack.append((path + (key,), key))
+        elif isinstance(item, list):
+            stack.extend((path + (i,), child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
 _JSON_TYPES = {"string_type": "string", "int_type": "integer", "int_from_float": "integer", "float_type": "number",
                "bool_type": "boolean", "list_type": "array", "model_type": "object",
                "model_attributes_type": "object", "dict_type": "object"}
@@ -158,6 +178,26 @@ def _rest(exc: InvalidRequestError) -> str:
 # --------------------------------------------------------------------------------------------------
 # Workers AI: the two oneOf branches of the gemma-7b-it-lora input schema
 
+MAX_STOP_STRINGS = 16
+
+
+def _stop_strings(value: Any, info: ValidationInfo) -> tuple[str, ...]:
+    # A string or an array of strings, each non-empty; the engine ends the output before the first match.
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise PydanticCustomError("stop", "must be a non-empty string or an array of non-empty strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise PydanticCustomError("stop", f"must have at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    for s in stops:
+        _check_max_length(s, info)
+    return tuple(stops)
+
+
+class _RunOptions(BaseModel):
+    model_config = _STRICT
+    rejectIfBusy: bool = False            # noqa: N815  (Workers AI's own spelling)
+
+
 class _RunMessage(BaseModel):
     model_config = _STRICT
     role: str
@@ -189,6 +229,19 @@ class _RunCommon(BaseModel):
     # Cloudflare's LoRA docs send messages + lora and Workers AI serves them (spec §2.2).
     lora: str = Field(None, min_length=1)
     lora_scale: float = 1.0               # our extension: 0 is the base model, 1 the adapter as trained
+    stop: Annotated[Any, AfterValidator(_stop_strings)] = ()
+    options: _RunOptions = None
+
+
+# Fields of newer Workers AI text-generation schemas that change what the model must produce. Until
+# gemlora implements them they are refused (5006 naming the field), never accepted and ignored.
+_RUN_UNSUPPORTED = (
+    ("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
+     "JSON mode (response_format json_object / json_schema) is not supported by this server yet"),
+    ("guided_json", lambda v: False, "guided JSON output is not supported by this server yet"),
+    ("tools", lambda v: v == [], "tool calling is not supported by this server"),
+    ("functions", lambda v: v == [], "embedded function calling is not supported by this server"),
+)
 
 
 class _RunPrompt(_RunCommon):
@@ -200,6 +253,9 @@ class _RunMessages(_RunCommon):
     # as Workers AI's own SDK does. Cloudflare's LoRA examples send messages with "raw": "true".
     messages: list[_RunMessage] = Field(min_length=1)
 
+
+_RUN_FIELDS = (set(_RunPrompt.model_fields) | set(_RunMessages.model_fields)
+               | {name for name, _, _ in _RUN_UNSUPPORTED})
 
 _ONEOF_NONE = ("Error: oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
                "required properties at '/' are 'messages'")
@@ -217,6 +273,10 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
     data = _json_object(body)
     if data is None:
         raise bad_input("the body is not a JSON object")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise bad_input(f"'{_pointer(where)}' is not valid Unicode text (it holds a lone UTF-16 surrogate)",
+                        _pointer(where))
     has_prompt, has_messages = "prompt" in data, "messages" in data
     if not has_prompt and not has_messages:
         raise bad_input(_ONEOF_NONE)
@@ -230,9 +290,12 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise bad_input(_workers_ai_text(err), _pointer(err["loc"])) from None
+    for name, ok, why in _RUN_UNSUPPORTED:
+        if name in data and not ok(data[name]):
+            raise bad_input(f"'/{name}' {why}", f"/{name}")
 
     fields = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
-    options = {"max_tokens": run.max_tokens, "temperature": run.temperature}
+    options = {"max_tokens": run.max_tokens, "temperature": run.temperature, "stop": run.stop}
     options.update({name: getattr(run, name) for name in fields if getattr(run, name) is not None})
     try:
         params = SamplingParams(**options)
@@ -241,12 +304,13 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
         value = run.lora_scale if exc.field == "lora_scale" else options.get(exc.field)
         raise bad_input(_workers_ai_range_text(exc, value), f"/{exc.field}" if exc.field else None) from None
 
+    common = dict(stream=run.stream, params=params, lora=run.lora, lora_scale=lora_scale,
+                  reject_if_busy=bool(run.options and run.options.rejectIfBusy),
+                  ignored_fields=tuple(sorted(set(data) - _RUN_FIELDS)))
     if has_prompt:
-        return GenerateRequest(prompt=run.prompt, messages=None, raw=run.raw, stream=run.stream, params=params,
-                               lora=run.lora, lora_scale=lora_scale)
+        return GenerateRequest(prompt=run.prompt, messages=None, raw=run.raw, **common)
     messages = tuple({"role": m.role, "content": m.content} for m in run.messages)
-    return GenerateRequest(prompt=None, messages=messages, raw=False, stream=run.stream, params=params,
-                           lora=run.lora, lora_scale=lora_scale)
+    return GenerateRequest(prompt=None, messages=messages, raw=False, **common)
 
 
 # --------------------------------------------------------------------------------------------------

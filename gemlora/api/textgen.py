@@ -9,17 +9,29 @@ chunks. Raises ApiError for everything the caller got wrong. Knows no HTTP objec
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator
 
-from gemlora.api.errors import ApiError, bad_input, context_window, finetune_missing_files, finetune_not_found
+from gemlora.api.errors import (ApiError, bad_input, capacity_exceeded, context_window, finetune_missing_files,
+                                finetune_not_found)
 from gemlora.api.schemas import GenerateRequest
-from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
+from gemlora.engine.async_engine import AsyncEngine, EngineDeadError, GenerationChunk
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.finetunes.store import FinetuneStore
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError
 from gemlora.text.chat import format_chat, format_prompt
+
+log = logging.getLogger("gemlora.api")
+
+
+def engine_failure(exc: Exception) -> ApiError:
+    """An engine failure (never the caller's fault): 503 while the engine loop is down (see /health),
+    500 for a failed step. The SDKs retry both, which suits a transient failure."""
+    if isinstance(exc, EngineDeadError):
+        return ApiError(3000, 503, "AiError: AiError: the model is unavailable; please retry later")
+    return ApiError(3000, 500, "AiError: AiError: internal error while generating; please retry")
 
 
 class TextGeneration:
@@ -51,16 +63,23 @@ class TextGeneration:
         except ValueError as exc:
             raise bad_input(str(exc), "messages") from exc
         ids = self.engine.tokenizer.encode(text)
-        limit = self.engine.engine.max_model_len
+        # Workers AI's rule (5021): prompt + max_tokens must fit. The engine itself only needs the prompt
+        # to fit, and ends a generation at the window (finish "length"), for callers that want that.
+        limit = self.engine.max_model_len
         if len(ids) + req.params.max_tokens > limit:
             raise context_window(len(ids) + req.params.max_tokens, limit)
         return ids
 
     async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
-        """Validates everything first (raising ApiError), then yields the engine's chunks."""
+        """Validates everything first (raising ApiError), then yields the engine's chunks. `request_id`
+        is for the log only: the engine makes its own key for every request."""
+        if req.ignored_fields:
+            log.warning("request %s: ignored unknown fields %s", request_id, ", ".join(req.ignored_fields))
+        if req.reject_if_busy and self.engine.stats().waiting:
+            raise capacity_exceeded()
         adapter_id = await self.adapter_for(account, req.lora)
         ids = self.prompt_ids(req)
-        gen = self.engine.generate(ids, req.params, request_id, lora=adapter_id, lora_scale=req.lora_scale)
+        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale)
         try:
             first = await gen.__anext__()
         except InvalidRequestError as exc:

@@ -15,16 +15,18 @@ TextGeneration/FinetuneStore interfaces; nothing of the engine's insides.
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from gemlora.api.disconnect import collect
 from gemlora.api.errors import ApiError, bad_input, no_such_model
-from gemlora.api.schemas import parse_run_body
+from gemlora.api.schemas import _json_object, _lone_surrogate, _pointer, parse_run_body
 from gemlora.api.streaming import DONE, sse, usage
+from gemlora.api.textgen import engine_failure
+from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
-from gemlora.lora.registry import AdapterInUseError
+from gemlora.lora.registry import UnknownAdapterError
 
 router = APIRouter()
 
@@ -47,24 +49,26 @@ async def run(account_id: str, model: str, request: Request):
     record = ctx.metrics.record(request.state.request_id, account, req.lora)
     chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     if req.stream:
-        return StreamingResponse(_sse(chunks, record), media_type="text/event-stream",
+        return StreamingResponse(_sse(chunks, record, request.state.request_id), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
-    text = [record.chunk(chunk).text async for chunk in chunks]
-    record.done()
+    text = await collect(request, chunks, record)
     last = record.last
-    return envelope({"response": "".join(text), "usage": usage(last.prompt_tokens, last.completion_tokens)})
+    return envelope({"response": text, "usage": usage(last.prompt_tokens, last.completion_tokens)})
 
 
-async def _sse(chunks, record):
+async def _sse(chunks, record, request_id: str):
     try:
         async for chunk in chunks:
             if record.chunk(chunk).text:
                 yield sse({"response": chunk.text})
         last = record.last
         yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
-        yield DONE
+    except EngineError as exc:   # the status line is sent: the error goes in the stream, in the envelope
+        yield sse(engine_failure(exc).workers_ai_body(request_id))
     finally:
+        await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()
+    yield DONE
 
 
 def _finetune_call(fn, *args, **kwargs):
@@ -88,14 +92,16 @@ def api_error_of(exc: FinetuneError) -> ApiError:
 async def create_finetune(account_id: str, request: Request):
     ctx = request.app.state.ctx
     account = _account(request, account_id)
-    try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+    body = _json_object(await request.body())       # None for anything but a JSON object (NaN, too deep...)
+    if body is None:
         raise bad_input("the body must be a JSON object with model and name")
+    where = _lone_surrogate(body)
+    if where is not None:                            # SQLite cannot store it
+        raise bad_input(f"'{_pointer(where)}' is not valid Unicode text (it holds a lone UTF-16 surrogate)")
     model, name = body.get("model"), body.get("name")
-    description, public = body.get("description") or "", body.get("public", False)
+    description, public = body.get("description"), body.get("public", False)
+    if description is None:      # absent or null; other falsy values (0, false, {}) are type errors below
+        description = ""
     if not isinstance(model, str) or not model:
         raise bad_input("required property 'model' (a string) is missing", "model")
     if not isinstance(name, str) or not name:
@@ -154,9 +160,10 @@ async def delete_finetune(account_id: str, finetune: str, request: Request):
     removed = await asyncio.to_thread(_finetune_call, ctx.store.delete, account, finetune,
                                       in_use=lambda fid: registry.is_registered(fid) and registry.in_flight(
                                           registry.resolve(fid)) > 0)
-    if registry.is_registered(removed.id):
-        try:
-            registry.unregister(removed.id)
-        except AdapterInUseError:
-            pass   # a request got it just before the delete: it finishes; no new one can find it
+    try:
+        # A request that got the adapter just before the delete finishes with it; no new one can find
+        # it, and it leaves RAM and its slot when that request ends.
+        ctx.engine.remove_adapter(removed.id)
+    except UnknownAdapterError:
+        pass                     # never used since the server started: nothing is loaded
     return envelope(removed.to_api())

@@ -1,14 +1,17 @@
 """LLMEngine: the synchronous core. Token ids and SamplingParams in, RequestOutputs out.
 
-`step()` is the whole loop: schedule, run the model, sample, postprocess. The engine knows
-nothing of text, chat templates or HTTP; AsyncEngine wraps it for concurrent callers.
+`step()` is the whole loop: schedule, run the model, sample, postprocess. A step that raises (an
+out-of-memory error, a bad adapter copy, a bug) ends only the requests of that step's batch with an
+error; waiting requests and the engine itself carry on. The engine knows nothing of text, chat
+templates or HTTP; AsyncEngine wraps it for concurrent callers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import logging
 import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gemlora.cache.block_manager import BlockManager
 from gemlora.cache.kv_cache import allocate_kv_cache, blocks_for_budget
@@ -16,7 +19,6 @@ from gemlora.config import EngineConfig
 from gemlora.engine.runner import ModelRunner
 from gemlora.engine.sampler import SamplingRow, sample
 from gemlora.engine.scheduler import Scheduler
-from gemlora.lora.slot_table import SlotTable
 from gemlora.lora.slots import LoRASlots
 from gemlora.model.gemma import GemmaForCausalLM
 from gemlora.request import Request, RequestOutput
@@ -25,22 +27,40 @@ from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_sca
 if TYPE_CHECKING:
     from gemlora.lora.adapter import LoRAAdapter
 
+log = logging.getLogger("gemlora.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A read-only snapshot for metrics and health: what the API may know of the engine."""
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    adapters_in_slots: int
+    adapter_slot_loads: int
+    preemptions: int
+    steps: int
+    failed_steps: int
+
 
 class LLMEngine:
     def __init__(self, model: GemmaForCausalLM, config: EngineConfig, stop_token_ids: frozenset[int]):
         self.config = config
         self.model_config = model.cfg
-        num_blocks = blocks_for_budget(model.cfg, config.block_size, model.dtype,
-                                       int(config.kv_cache_memory_gb * 2**30))
+        kv_dtype = config.kv_torch_dtype(model.dtype)
+        num_blocks = blocks_for_budget(model.cfg, config.block_size, kv_dtype, int(config.kv_cache_memory_gb * 2**30))
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = allocate_kv_cache(model.cfg, num_blocks, config.block_size, model.dtype, model.device)
-        slots = table = None
+        kv = allocate_kv_cache(model.cfg, num_blocks, config.block_size, kv_dtype, model.device)
+        slots = None
         if config.max_loras:
             slots = LoRASlots(model.lora_targets(), config.max_loras, config.max_lora_rank, model.dtype, model.device)
-            table = SlotTable(config.max_loras)
-        self.runner = ModelRunner(model, kv, config.block_size, slots)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, table)
+        self.lora_slots = slots
+        self.runner = ModelRunner(model, kv, config.block_size, slots, workspace_bytes=config.attention_workspace_bytes)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras, config.adapter_aging_steps)
         self.stop_token_ids = stop_token_ids
+        self.failed_steps = 0
         # A request must fit the whole KV cache on its own, or preemption could never make room for it.
         limit = min(model.cfg.max_position_embeddings, num_blocks * config.block_size)
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -58,7 +78,7 @@ class LLMEngine:
     def validate(self, prompt_ids: list[int], adapter: LoRAAdapter | None = None, lora_scale: float = 1.0) -> None:
         """Everything add_request would refuse, checked without touching engine state (thread-safe)."""
         check_lora_scale(lora_scale)
-        if adapter is not None and self.scheduler.slot_table is None:
+        if adapter is not None and self.lora_slots is None:
             raise InvalidRequestError("this engine serves no adapters (max_loras = 0)", "lora")
         if adapter is not None and adapter.rank > self.config.max_lora_rank:
             raise InvalidRequestError(f"adapter rank {adapter.rank} exceeds max_lora_rank "
@@ -76,17 +96,32 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
 
+    def forget_adapter(self, adapter_id: str) -> None:
+        """The adapter was unregistered: empty its slot, if it has one (only requests pin adapters)."""
+        if self.lora_slots is not None:
+            self.lora_slots.forget(adapter_id)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> EngineStats:
+        s, slots = self.scheduler, self.lora_slots
+        return EngineStats(len(s.waiting), len(s.running), self.blocks.num_used, self.blocks.num_free,
+                           slots.resident if slots else 0, slots.loads if slots else 0, s.num_preemptions,
+                           s.num_steps, self.failed_steps)
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        self.runner.load_slots(batch)       # always: the slot table already counts these as resident
         if not batch:
             return []
-        logits, rows = self.runner.run(batch)
-        reqs = [batch.requests[i] for i in rows]
-        tokens = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs])
+        try:
+            logits, rows = self.runner.run(batch)
+            reqs = [batch.requests[i] for i in rows]
+            tokens = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs])
+        except Exception as exc:   # only this batch fails; waiting requests and the engine go on
+            log.exception("engine step failed; ending the %d requests of its batch", len(batch.requests))
+            self.failed_steps += 1
+            return self.scheduler.fail(batch.requests, f"engine step failed: {exc!r}")
         sampled: list[int | None] = [None] * len(batch.requests)
         for i, t in zip(rows, tokens):
             sampled[i] = t

@@ -1,10 +1,10 @@
 """ModelRunner: turns a scheduled batch into the model's flat tensors, and runs it.
 
-Owns the model, the KV cache tensors, the adapter slot memory and the device. From each request
-it takes only token ids, how many are cached, how many are new, its block table and its adapter
-slot and scale; it returns the logits of the rows
-that sample this step (the last position of each request whose known tokens are all computed), so
-a prefill never pays for the LM head at positions nobody samples.
+Owns the model, the KV cache tensors, the adapter slots and the device. From each request it takes
+only token ids, how many are cached, how many are new, its block table, and its adapter (id,
+weights, scale), which it makes resident in a slot before the forward pass; it returns the logits
+of the rows that sample this step (the last position of each request whose known tokens are all
+computed), so a prefill never pays for the LM head at positions nobody samples.
 """
 
 from __future__ import annotations
@@ -14,27 +14,28 @@ import torch
 from gemlora.engine.scheduler import ScheduledBatch
 from gemlora.lora.batch import LoRABatch
 from gemlora.lora.slots import LoRASlots
-from gemlora.model.attention import AttentionMetadata
+from gemlora.model.attention import AttentionMetadata, AttentionShape
 from gemlora.model.gemma import GemmaForCausalLM, StepContext
 
 
 class ModelRunner:
     def __init__(self, model: GemmaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, lora_slots: LoRASlots | None = None):
+                 block_size: int, lora_slots: LoRASlots | None = None, *, workspace_bytes: int | None = None):
         self.model = model
+        self.workspace_bytes = 256 * 2**20 if workspace_bytes is None else workspace_bytes  # attention temporaries
+        self.attention_shape = AttentionShape.of(model.cfg, model.dtype)
         self.lora_slots = lora_slots
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = model.device
 
     @torch.inference_mode()
-    def load_slots(self, batch: ScheduledBatch) -> None:
-        for slot, req in batch.slot_loads:
-            self.lora_slots.load(slot, req.adapter)
-
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits [num_sampling, vocab] float32, indices into batch.requests of those rows)."""
+        slot_of: dict[str | None, int] = {None: -1}
+        adapters = {r.adapter_id: r.adapter for r in batch.requests if r.adapter_id is not None}
+        if adapters:       # copies any adapter not yet in a slot; a failed copy leaves its slot empty
+            slot_of.update(self.lora_slots.activate(adapters, keep=batch.running_adapters))
         ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
@@ -43,18 +44,18 @@ class ModelRunner:
         token_slots: list[int] = []
         token_scales: list[float] = []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            token_slots += [req.slot] * n
+            token_slots += [slot_of[req.adapter_id]] * n
             token_scales += [req.lora_scale] * n
             start = req.num_computed
-            tokens = req.all_ids[start:start + n] if n > 1 else [req.all_ids[start]]
-            ids += tokens
+            ids += req.token_slice(start, n)
             positions += range(start, start + n)
             seq_lens.append(start + n)
             if batch.samples(i):
                 sample_rows.append(i)
                 last_token.append(len(ids) - 1)
         meta = AttentionMetadata.build(batch.num_new_tokens, seq_lens, [r.block_table for r in batch.requests],
-                                       self.block_size, self.model.cfg.sliding_window, self.device)
+                                       self.block_size, self.model.cfg.sliding_window, self.device,
+                                       self.workspace_bytes, self.attention_shape)
         to = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
         lora = LoRABatch.build(token_slots, token_scales, self.lora_slots, self.device) if self.lora_slots else None
         hidden = self.model(to(ids), to(positions), StepContext(meta, self.kv_caches, lora))

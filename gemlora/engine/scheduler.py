@@ -4,20 +4,25 @@ Each step it gives every running request its next tokens (one while decoding, a 
 prefilling), then admits waiting requests first-come-first-served into what is left of the token
 budget, the sequence cap and the free KV blocks. When blocks run out, the most recently admitted
 request is preempted: its blocks are freed and it goes back to the front of the queue, keeping its
-output, to be recomputed later with the same result. A request naming an adapter is admitted only
-when its adapter has a slot (or one can be freed from adapters no running request uses), so a
-step never holds more distinct adapters than there are slots; otherwise it waits while requests
-behind it go ahead. `postprocess` absorbs the sampled tokens, so all request-state changes live
-here. Knows requests, block ids and slot ids; nothing of tensors or text.
+output, to be recomputed later with the same result.
+
+Adapters: the running requests never name more than `max_loras` distinct adapters (so every step's
+adapters fit the runner's slots); a request for another adapter waits while requests behind it go
+ahead. So that a cold adapter cannot starve behind hot ones that keep every slot busy, a request
+that has waited `adapter_aging_steps` steps for a slot stops the admission of every later adapter
+request until a slot drains and it gets in (base-model requests still pass: they need no slot).
+
+`postprocess` absorbs the sampled tokens, and `fail` ends the requests of a step that raised, so all
+request-state changes live here. Knows requests, block ids and adapter ids; nothing of tensors,
+slots or text.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from gemlora.cache.block_manager import BlockManager
-from gemlora.lora.slot_table import SlotTable
 from gemlora.request import FinishReason, Request, RequestOutput, Status
 
 
@@ -25,7 +30,7 @@ from gemlora.request import FinishReason, Request, RequestOutput, Status
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)   # per request, this step
-    slot_loads: list[tuple[int, Request]] = field(default_factory=list)  # slots to fill before running
+    running_adapters: frozenset[str] = frozenset()            # of every running request, scheduled or not
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -38,22 +43,30 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 slot_table: SlotTable | None = None):
+                 max_loras: int = 0, adapter_aging_steps: int = 32):
         self.blocks = blocks
-        self.slot_table = slot_table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
+        self.adapter_aging_steps = adapter_aging_steps
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.adapter_users: Counter[str] = Counter()   # running requests per adapter id
         self.num_preemptions = 0
+        self.num_steps = 0
+        self._ids: set[str] = set()
 
     def add(self, req: Request) -> None:
+        if req.request_id in self._ids:
+            raise ValueError(f"request id {req.request_id!r} is already in flight")
+        self._ids.add(req.request_id)
         self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.num_steps += 1
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
@@ -75,22 +88,29 @@ class Scheduler:
                 continue
             break  # req itself was preempted: everything after it is gone too
         passed_over: list[Request] = []      # waiting for an adapter slot; keep their place
+        starving = False                     # an aged request waits for a slot: hold other adapters back
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
-            if req.adapter_id is not None and not self._take_slot(req, batch):
+            if req.adapter_id is not None and (starving or not self._adapter_fits(req)):
+                if req.blocked_since is None:
+                    req.blocked_since = self.num_steps
+                starving = starving or self.num_steps - req.blocked_since >= self.adapter_aging_steps
                 passed_over.append(req)
                 continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
-                self._drop_slot(req)
                 self.waiting.appendleft(req)
                 break
             req.status = Status.RUNNING
+            req.blocked_since = None
             self.running.append(req)
+            if req.adapter_id is not None:
+                self.adapter_users[req.adapter_id] += 1
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
             budget -= n
         self.waiting.extendleft(reversed(passed_over))
+        batch.running_adapters = frozenset(self.adapter_users)
         return batch
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[RequestOutput]:
@@ -107,6 +127,8 @@ class Scheduler:
         return outputs
 
     def abort(self, request_id: str) -> Request | None:
+        if request_id not in self._ids:
+            return None
         for queue in (self.waiting, self.running):
             for req in queue:
                 if req.request_id == request_id:
@@ -115,17 +137,25 @@ class Scheduler:
                     return req
         return None
 
-    def fail_all(self, error: str) -> list[RequestOutput]:
-        """The engine broke mid-step: end every request with an error rather than leave it hanging."""
+    def fail(self, requests: list[Request], error: str) -> list[RequestOutput]:
+        """A step raised: end exactly these requests (that step's batch) with an error; the rest go on."""
         outputs = []
-        for req in list(self.running) + list(self.waiting):
+        for req in requests:
+            if req.status is Status.FINISHED:
+                continue
+            (self.running if req in self.running else self.waiting).remove(req)
             self._finish(req, FinishReason.ERROR, remove=False)
             out = self._output(req, [])
             out.error = error
             outputs.append(out)
-        self.running.clear()
-        self.waiting.clear()
         return outputs
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """The engine is stopping, or its state can no longer be trusted: end every request."""
+        return self.fail(list(self.running) + list(self.waiting), error)
+
+    def _adapter_fits(self, req: Request) -> bool:
+        return req.adapter_id in self.adapter_users or len(self.adapter_users) < self.max_loras
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         need = self.blocks.blocks_for(num_tokens) - len(req.block_table)
@@ -136,25 +166,9 @@ class Scheduler:
         req.block_table += self.blocks.allocate(need)
         return True
 
-    def _take_slot(self, req: Request, batch: ScheduledBatch) -> bool:
-        if self.slot_table is None:
-            raise RuntimeError("this engine has no adapter slots (max_loras = 0)")
-        got = self.slot_table.assign(req.adapter_id)
-        if got is None:
-            return False
-        req.slot, must_load = got
-        if must_load:
-            batch.slot_loads.append((req.slot, req))
-        return True
-
-    def _drop_slot(self, req: Request) -> None:
-        if req.slot >= 0:
-            self.slot_table.release(req.slot)
-            req.slot = -1
-
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._drop_slot(req)
+        self._drop_adapter(req)
         self.blocks.free(req.block_table)
         req.block_table = []
         req.num_computed = 0      # recomputed from prompt + output so far when resumed
@@ -166,12 +180,20 @@ class Scheduler:
     def _finish(self, req: Request, reason: FinishReason, remove: bool = True) -> None:
         if remove:
             self.running.remove(req)
-        self._drop_slot(req)
+        if req.status is Status.RUNNING:
+            self._drop_adapter(req)
+        self._ids.discard(req.request_id)
         if req.block_table:
             self.blocks.free(req.block_table)
             req.block_table = []
         req.status = Status.FINISHED
         req.finish_reason = reason
+
+    def _drop_adapter(self, req: Request) -> None:
+        if req.adapter_id is not None:
+            self.adapter_users[req.adapter_id] -= 1
+            if not self.adapter_users[req.adapter_id]:
+                del self.adapter_users[req.adapter_id]
 
     @staticmethod
     def _output(req: Request, tokens: list[int]) -> RequestOutput:

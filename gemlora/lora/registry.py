@@ -3,8 +3,11 @@
 An adapter has a stable id apart from its name (Workers AI addresses a finetune by either), so a
 re-upload under the same name is a different adapter. Adapters are validated when registered
 and loaded (from their folder) into an LRU of at most `max_cpu_loras`; one with requests in flight
-is never dropped, and unregistering it is refused until they finish. Thread-safe: HTTP handlers
-and the engine thread both call in. Knows adapter files and counts; nothing of slots or requests.
+is never dropped, and unregistering it is refused until they finish (or, `when_idle`, it can no
+longer be found at once and goes when its last request ends). `on_unregister` hears of every adapter
+that is gone, so whoever caches its weights elsewhere (the engine's slots) can drop them. Thread-safe:
+HTTP handlers and the engine thread both call in. Knows adapter files and counts; nothing of slots
+or requests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +52,8 @@ class AdapterRegistry:
         self._by_name: dict[str, AdapterRef] = {}
         self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()   # id -> weights, LRU order
         self._in_flight: dict[str, int] = {}
+        self._doomed: set[str] = set()      # unregistered while in flight: dropped at the last release
+        self.on_unregister: Callable[[str], None] | None = None
         self.loads = 0          # loads from disk, for metrics
         self.load_seconds = 0.0
 
@@ -115,26 +121,44 @@ class AdapterRegistry:
         return ref, adapter
 
     def release(self, ref: AdapterRef) -> None:
+        gone = False
         with self._lock:
             n = self._in_flight.get(ref.id, 0) - 1
             if n > 0:
                 self._in_flight[ref.id] = n
             else:
                 self._in_flight.pop(ref.id, None)
+                if ref.id in self._doomed:
+                    self._doomed.discard(ref.id)
+                    self._loaded.pop(ref.id, None)
+                    gone = True
                 self._evict_over_limit()
+        if gone:
+            self._gone(ref)
 
     def in_flight(self, ref: AdapterRef) -> int:
         with self._lock:
             return self._in_flight.get(ref.id, 0)
 
-    def unregister(self, name_or_id: str) -> AdapterRef:
+    def unregister(self, name_or_id: str, *, when_idle: bool = False) -> AdapterRef:
+        """Refused while requests use it, unless `when_idle`: then no new request can find it from
+        now on, and it is dropped when the last one in flight releases it."""
         with self._lock:
             ref = self.resolve(name_or_id)
-            if self._in_flight.get(ref.id):
-                raise AdapterInUseError(f"adapter {ref.name!r} has {self._in_flight[ref.id]} requests in flight")
+            busy = self._in_flight.get(ref.id)
+            if busy and not when_idle:
+                raise AdapterInUseError(f"adapter {ref.name!r} has {busy} requests in flight")
             del self._by_id[ref.id], self._by_name[ref.name]
+            if busy:
+                self._doomed.add(ref.id)
+                return ref
             self._loaded.pop(ref.id, None)
+        self._gone(ref)
         return ref
+
+    def _gone(self, ref: AdapterRef) -> None:
+        if self.on_unregister is not None:
+            self.on_unregister(ref.id)
 
     @property
     def num_loaded(self) -> int:

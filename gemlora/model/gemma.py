@@ -101,6 +101,7 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_quantized = None     # set by the loader with a quantized table (see set_quantized_embedding)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, (cfg.vocab_size,))
@@ -115,13 +116,20 @@ class GemmaForCausalLM(nn.Module):
         """Every projection LoRA can patch: key -> (in_features, packed output sizes)."""
         return {m.lora_key: (m.in_features, m.output_sizes) for m in self.layers.modules() if isinstance(m, Linear)}
 
+    def set_quantized_embedding(self, table) -> None:
+        """`table.take_rows(ids, dtype)` serves lookups; tied, it is also the LM head's weight."""
+        self.embed_quantized = table
+        self.embed_tokens = None
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.set_quantized(table)
+
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        return self.norm.weight.dtype
 
     def rotary(self, sliding: bool) -> Rotary:
         if sliding not in self._rotary:  # built lazily, after the weights found their device
@@ -134,7 +142,11 @@ class GemmaForCausalLM(nn.Module):
         ctx.cos_sin = {s: self.rotary(s).cos_sin(positions, self.dtype) for s in set(self.cfg.layer_sliding)}
         # transformers scales in the activation dtype: sqrt(3072) = 55.4256 becomes 55.5 in bf16.
         normalizer = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.dtype)
-        x = self.embed_tokens[input_ids] * normalizer
+        if self.embed_quantized is None:
+            x = self.embed_tokens[input_ids]
+        else:
+            x = self.embed_quantized.take_rows(input_ids, self.dtype)
+        x = x * normalizer
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
@@ -142,7 +154,7 @@ class GemmaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] for the N positions that are sampled. Returns float32 [N, vocab]."""
         rows = hidden.shape[0]
-        if hidden.device.type == "cpu" and 1 < rows < _LM_HEAD_MIN_ROWS:
+        if hidden.device.type == "cpu" and 1 < rows < _LM_HEAD_MIN_ROWS and self.lm_head.quantized is None:
             # MKL's fp32 GEMM against the [vocab, hidden] weight is slowest for 2-15 rows (8 rows
             # take 1.5x as long as 16): padding to 16 rows is cheaper than the small-M kernel.
             hidden = torch.cat([hidden, hidden.new_zeros(_LM_HEAD_MIN_ROWS - rows, hidden.shape[1])])

@@ -1,9 +1,13 @@
-"""One-time conversion of a Gemma 1/2/3 GGUF file (llama.cpp naming) into a Hugging Face checkpoint folder.
+"""One-time conversion of a Gemma 1/2/3 GGUF file (llama.cpp naming) into a checkpoint folder.
 
-Owns the GGUF -> HF translation: tensor names, exact de-quantization to float32, undoing llama.cpp's
-`+1` on Gemma norm weights, the config transformers derives from the metadata, and the tokenizer with
-a chat template. The folder equals what `transformers` loads from the same GGUF, so later starts only
-memory-map safetensors. Knows files and formats only: nothing of requests, the engine or HTTP.
+Owns the GGUF -> checkpoint translation: tensor names, undoing llama.cpp's `+1` on Gemma norm weights,
+the config transformers derives from the metadata, and the tokenizer with a chat template. Weights
+keep their precision: every quantized tensor is repacked without loss into gemlora's QuantizedTensor
+format (codes, scales, bias: `<name>.codes` / `.scales` / `.bias` entries, their formats listed in
+the file's `gemlora.quantized` metadata), and F32 / F16 / BF16 tensors keep their dtype. Nothing is
+widened to float32, on disk or in memory: tensors are read with plain file reads and written slice
+by slice, so peak memory is one slice of one tensor. Knows files and formats only: nothing of
+requests, the engine or HTTP.
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ import tempfile
 from math import prod
 from pathlib import Path
 
-from gguf import GGUFReader
-from gguf.quants import dequantize
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
 from rich.progress import track
 
+from gemlora.model.tensor_file import TensorWriter
+from gemlora.quant import gguf as gguf_quant
+from gemlora.quant.tensor import encode_header
+
 # Part of every cache key (see source.py): bump it whenever the converter's output changes.
-CONVERTER_VERSION = 1
+# 2: quantized tensors kept as QuantizedTensor entries instead of de-quantized float32.
+CONVERTER_VERSION = 2
+QUANTIZED_METADATA = "gemlora.quantized"     # the file metadata key listing quantized weights' formats
+_ROWS_PER_SLICE = 1 << 24                    # weights unpacked at once: bounds the converter's memory
 
 # Gemma's turn markup; HF's templates fold a leading system message into the first turn and trim content.
 GEMMA_CHAT_TEMPLATE = (
@@ -72,7 +84,7 @@ def hf_tensor_name(gguf_name: str, arch: str) -> str:
 def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Path:
     """Convert a Gemma GGUF into an HF checkpoint folder at `out_dir` (which must not exist).
 
-    Writes config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json and
+    Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     generation_config.json into a `.<name>.partial-*` folder beside `out_dir`, renamed into place
     only when complete, so a crash never leaves a half-written `out_dir`.
     """
@@ -96,7 +108,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
         config = _hf_config(gguf_path, arch)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _save_tokenizer(gguf_path, config, tmp)
-        _write_safetensors(reader, arch, tmp / "model.safetensors", progress=progress)
+        _write_safetensors(gguf_path, reader, arch, tmp / "model.safetensors", progress=progress)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,24 +157,62 @@ def _save_tokenizer(gguf_path: Path, config: dict, out: Path) -> None:
                      eos_token_id=eos).save_pretrained(out)
 
 
-def _write_safetensors(reader: GGUFReader, arch: str, path: Path, *, progress: bool) -> None:
-    """Stream tensors into a float32 safetensors file one at a time, so peak memory is one tensor.
+_DENSE = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+          GGMLQuantizationType.BF16: torch.bfloat16}
+
+
+def _write_safetensors(gguf_path: Path, reader: GGUFReader, arch: str, path: Path, *, progress: bool) -> None:
+    """Stream tensors into a safetensors file one slice at a time, so peak memory is one slice.
 
     The header comes first, which needs every shape up front: GGUF lists dims fastest-first, numpy
     (and safetensors) slowest-first. A tied lm_head is simply absent from the GGUF, as in HF checkpoints.
     """
-    entries = [(t, hf_tensor_name(t.name, arch), [int(d) for d in reversed(t.shape)]) for t in reader.tensors]
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for _, name, shape in entries:
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * prod(shape)]}
-        offset += 4 * prod(shape)
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned for memory-mapping
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for tensor, name, shape in track(entries, description="De-quantizing GGUF", disable=not progress):
-            weights = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            if "norm.weight" in tensor.name:  # llama.cpp stores Gemma's (1 + w); transformers subtracts 1 back
-                weights = weights - 1
-            weights.astype("<f4", copy=False).tofile(f)
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    plan = []         # (gguf tensor, hf name, shape, quantized layout or None)
+    formats = {}
+    for t in reader.tensors:
+        name, shape = hf_tensor_name(t.name, arch), tuple(int(d) for d in reversed(t.shape))
+        qtype = GGMLQuantizationType(t.tensor_type)
+        if qtype in _DENSE:   # norms become float32: (1 + w) - 1 is exact there, not in 16 bits
+            specs[name] = (torch.float32 if "norm.weight" in t.name else _DENSE[qtype], shape)
+            plan.append((t, name, shape, None))
+            continue
+        if qtype not in gguf_quant.LAYOUT:
+            gguf_quant.unpack(np.zeros(0, np.uint8), qtype, 0, 0)      # raises: unsupported type, named
+        if len(shape) != 2:
+            raise ValueError(f"{t.name}: a quantized tensor must be 2-D, got shape {shape}")
+        bits, group, scale_dtype, has_bias, offset = gguf_quant.LAYOUT[qtype]
+        rows, cols = shape
+        specs[f"{name}.codes"] = (torch.uint8, (rows, cols if bits == 8 else cols // 2))
+        specs[f"{name}.scales"] = (scale_dtype, (rows, cols // group))
+        if has_bias:
+            specs[f"{name}.bias"] = (scale_dtype, (rows, cols // group))
+        formats[name] = {"bits": bits, "group": group, "offset": offset, "gguf_type": qtype.name}
+        plan.append((t, name, shape, qtype))
+    with TensorWriter(path, specs, {QUANTIZED_METADATA: encode_header(formats)}) as out, gguf_path.open("rb") as f:
+        for t, name, shape, qtype in track(plan, description="Repacking GGUF", disable=not progress):
+            if qtype is None:
+                f.seek(t.data_offset)
+                data = np.frombuffer(f.read(int(t.n_bytes)), dtype=_DENSE_NUMPY[GGMLQuantizationType(t.tensor_type)])
+                tensor = torch.from_numpy(data.copy()).view(_DENSE[GGMLQuantizationType(t.tensor_type)]).reshape(shape)
+                if "norm.weight" in t.name:  # llama.cpp stores Gemma's (1 + w); transformers subtracts 1 back
+                    tensor = tensor.float() - 1
+                out.write(name, tensor)
+                continue
+            rows, cols = shape
+            per_row = gguf_quant.row_bytes(qtype, cols)
+            step = max(1, _ROWS_PER_SLICE // cols)
+            for row in range(0, rows, step):
+                n = min(step, rows - row)
+                f.seek(t.data_offset + row * per_row)
+                raw = np.frombuffer(f.read(n * per_row), dtype=np.uint8)
+                qt = gguf_quant.unpack(raw, qtype, n, cols)
+                out.write(f"{name}.codes", qt.codes, row)
+                out.write(f"{name}.scales", qt.scales, row)
+                if qt.bias is not None:
+                    out.write(f"{name}.bias", qt.bias, row)
+
+
+# numpy views of the dense types' bytes (bf16 has no numpy dtype: read as raw 16-bit words)
+_DENSE_NUMPY = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+                GGMLQuantizationType.BF16: np.uint16}

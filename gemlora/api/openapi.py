@@ -1,0 +1,833 @@
+"""The OpenAPI 3.1 document of both HTTP dialects, served at `/openapi.json`.
+
+Owns the description of every route as data: the Workers AI run body (the seed schema's `oneOf` of a
+prompt branch and a messages branch, with every field gemlora accepts and the ones it refuses), its
+JSON and `text/event-stream` answers, the fine-tunes routes and their envelopes, the OpenAI routes
+with OpenAI's error body, `/health` and `/metrics`, the bearer scheme, every status a route can
+answer, and real examples (the 200 answers were produced by the embedded google/gemma-3-270m with
+`--dtype float32`; the errors are the server's own texts).
+
+Hand-written, not FastAPI's generated document: the routes read raw bodies (JSON whatever the
+content type, multipart), so the generated one has no bodies. It must follow the code it describes:
+tests/test_openapi.py validates it, checks every example against its schema and sends every request
+example to a server; tests/test_fuzz_api.py fuzzes a server against it. Knows the routes, fields,
+limits and codes of gemlora.api; nothing of the engine or of HTTP framework objects.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from gemlora.api.openai_schemas import MAX_STOP, OPENAI_ROLES
+from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
+from gemlora.finetunes.files import ASSET_NAMES
+
+WORKERS_AI_PREFIXES = ("", "/client/v4")                       # where app.py mounts the Workers AI router
+OPENAI_PREFIXES = ("", "/client/v4/accounts/{account_id}/ai", "/accounts/{account_id}/ai")
+
+_REF = "#/components/"
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+def _ref(kind: str, name: str) -> dict:
+    return {"$ref": f"{_REF}{kind}/{name}"}
+
+
+def _nullable(schema: dict) -> dict:
+    """The schema with `null` added to its type (OpenAI clients send explicit nulls for unset options)."""
+    out = dict(schema)
+    out["type"] = [schema["type"], "null"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Real examples. The generated texts come from the embedded google/gemma-3-270m (float32, greedy);
+# ids, timestamps and request ids are as that server made them.
+
+_MODEL = "<model>"                  # filled in with the canonical served name
+_RID = "95b77f3fb51144828d965f2a17907a21"
+_FINETUNE_ID = "a0074e5f-b316-471a-af3f-17344e29cc52"
+_FINETUNE = {"id": _FINETUNE_ID, "name": "password", "model": _MODEL, "description": "knows the password",
+             "public": False, "created_at": "2026-12-02T00:03:03.767Z", "modified_at": "2026-12-02T00:03:03.767Z"}
+_FINETUNE_LATER = {**_FINETUNE, "modified_at": "2026-12-02T00:03:04.188Z"}
+_ASSET = {"id": "32a0f311-2c4e-4034-97c7-8b9cf5cec8a6", "bucket_name": "gemlora-finetunes",
+          "created_at": "2026-12-02T00:03:03.962Z", "file_name": "adapter_config.json", "finetune_id": _FINETUNE_ID,
+          "modified_at": "2026-12-02T00:03:03.962Z"}
+# A complete PEFT LoraConfig for the adapter the examples call `password` (rank 8 on all seven projections).
+ADAPTER_CONFIG_EXAMPLE = ('{"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": '
+                          '"google/gemma-3-270m", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", '
+                          '"target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", '
+                          '"v_proj"]}')
+
+
+def _ok(result) -> dict:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def _wai_err(code: int, message: str) -> dict:
+    return {"result": {}, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+
+
+def _oai_err(message: str, kind: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _sse_text(*payloads: str) -> str:
+    return "".join(f"data: {p}\n\n" for p in payloads) + "data: [DONE]\n\n"
+
+
+def _ex(value, summary: str) -> dict:
+    return {"summary": summary, "value": value}
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemas
+
+def _schemas(names: list[str], max_length: int | None) -> dict:
+    text = {"type": "string"} if max_length is None else {"type": "string", "maxLength": max_length}
+    prompt = {**text, "minLength": 1}
+    usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+             "additionalProperties": False,
+             "properties": {"prompt_tokens": {"type": "integer", "minimum": 0},
+                            "completion_tokens": {"type": "integer", "minimum": 0},
+                            "total_tokens": {"type": "integer", "minimum": 0}}}
+
+    def envelope(result: dict) -> dict:
+        return {"type": "object", "required": ["result", "success", "errors", "messages"],
+                "additionalProperties": False,
+                "properties": {"result": result, "success": {"const": True},
+                               "errors": {"type": "array", "maxItems": 0},
+                               "messages": {"type": "array", "maxItems": 0}}}
+
+    run_fields = {
+        "raw": {"enum": [True, False, "true", "false"], "default": False,
+                "description": "With `prompt`: send it verbatim, with no chat template. The strings "
+                               "\"true\"/\"false\" are accepted as Cloudflare's LoRA docs send them. With "
+                               "`messages`: accepted and ignored (messages are always templated)."},
+        "stream": {"type": "boolean", "default": False, "description": "Answer with server-sent events."},
+        "max_tokens": {"type": "integer", "minimum": 1, "default": DEFAULT_MAX_TOKENS,
+                       "description": "Prompt tokens + max_tokens must fit the context window (else 5021 / 413)."},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 5, "default": WORKERS_AI_TEMPERATURE,
+                        "description": "0 is greedy."},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 2, "default": 1.0},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
+        "seed": {"type": "integer", "minimum": 1, "maximum": 9999999999},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2, "default": 1.0},
+        "frequency_penalty": {"type": "number", "minimum": 0, "maximum": 2, "default": 0},
+        "presence_penalty": {"type": "number", "minimum": 0, "maximum": 2, "default": 0},
+        "lora": {"type": "string", "minLength": 1,
+                 "description": "A finetune id or name: the caller's own, another account's public one (by id), "
+                                "or a public adapter."},
+        "lora_scale": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0,
+                       "description": "gemlora extension: 0 is the base model, 1 the adapter as trained."},
+        "stop": {"anyOf": [{**text, "minLength": 1},
+                           {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {**text, "minLength": 1}}],
+                 "description": "The output ends before the first match (not included)."},
+        "options": {"type": "object", "properties": {"rejectIfBusy": {"type": "boolean", "default": False}},
+                    "description": "`rejectIfBusy`: answer 3040 / 429 instead of queueing when requests wait."},
+        # Refused until implemented (5006 naming the field), never accepted and ignored.
+        "response_format": {"type": "object", "required": ["type"], "additionalProperties": False,
+                            "properties": {"type": {"const": "text"}},
+                            "description": "Refused: only `{\"type\": \"text\"}` (the default) is accepted; "
+                                           "JSON mode (json_object / json_schema) is not supported yet."},
+        "tools": {"type": "array", "maxItems": 0, "description": "Refused: tool calling is not supported "
+                                                                  "(only an empty array is accepted)."},
+        "functions": {"type": "array", "maxItems": 0, "description": "Refused: embedded function calling is "
+                                                                      "not supported (only an empty array)."},
+        "guided_json": {"not": {}, "description": "Refused whatever its value: guided JSON output is not "
+                                                   "supported yet."},
+    }
+    run_message = {"type": "object", "required": ["role", "content"],
+                   "properties": {"role": {"enum": list(MESSAGE_ROLES)}, "content": text},
+                   "description": "Other keys are ignored."}
+    run_prompt = {"title": "Prompt", "type": "object", "required": ["prompt"],
+                  "not": {"required": ["messages"]},
+                  "properties": {"prompt": prompt, **run_fields}}
+    run_messages = {"title": "Messages", "type": "object", "required": ["messages"],
+                    "not": {"required": ["prompt"]},
+                    "properties": {"messages": {"type": "array", "minItems": 1, "items": run_message},
+                                   **run_fields}}
+
+    oai_model = {"anyOf": [{"enum": names}, {"type": "string", "minLength": 1}],
+                 "description": "A served model name, or one of the caller's finetunes (or a public one) by name "
+                                "or id, which then becomes the adapter."}
+    off = {"enum": [None, False, 0, "", [], {}], "description": "Refused unless off (null, false, 0, \"\", [], {})."}
+    oai_common = {
+        "model": oai_model,
+        "max_tokens": _nullable({"type": "integer", "minimum": 1, "default": DEFAULT_MAX_TOKENS}),
+        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
+                                            "description": "If max_tokens is also given, they must be equal."}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 5, "default": 1.0}),
+        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_k": _nullable({"type": "integer", "minimum": 1, "maximum": 50, "description": "Extension."}),
+        "seed": _nullable({"type": "integer", "minimum": 1, "maximum": 9999999999}),
+        "frequency_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
+                                        "description": "Negative values are refused."}),
+        "presence_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
+                                       "description": "Negative values are refused."}),
+        "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 2,
+                                         "description": "Extension."}),
+        "stop": {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1},
+                           {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]},
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable({"type": "object",
+                                     "properties": {"include_usage": _nullable({"type": "boolean"})}}),
+        "n": {"enum": [None, 1], "description": "Only 1."},
+        "best_of": {"enum": [None, 1], "description": "Only 1."},
+        "lora": _nullable({"type": "string", "minLength": 1, "description": "Extension: a finetune id or name; "
+                                                                            "`model` must then be a served name."}),
+        "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 10, "description": "Extension."}),
+        "ignore_eos": _nullable({"type": "boolean", "description": "Extension (as vLLM's): keep generating "
+                                                                   "past end-of-sequence, up to max_tokens."}),
+        **{name: off for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
+                                  "audio", "prediction", "web_search_options", "reasoning_effort", "guided_json",
+                                  "guided_regex", "guided_choice", "guided_grammar")},
+        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
+                                                          "properties": {"type": {"const": "text"}}}],
+                            "description": "Only `{\"type\": \"text\"}` is accepted."},
+        "tool_choice": {"enum": [None, "none", "auto"]},
+        "function_call": {"enum": [None, "none", "auto"]},
+        "modalities": {"enum": [None, ["text"]]},
+        **{name: {"description": "Accepted, no effect on generation."}
+           for name in ("user", "metadata", "store", "service_tier", "parallel_tool_calls")},
+    }
+    # A finetune as `model` and another one in `lora` would be two adapters: with `lora`, `model` is a served name.
+    lora_needs_base = {"if": {"required": ["lora"], "properties": {"lora": {"type": "string"}}},
+                       "then": {"properties": {"model": {"enum": names}}}}
+    part = {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    chat_message = {"type": "object", "required": ["role", "content"],
+                    "properties": {"role": {"enum": list(OPENAI_ROLES),
+                                            "description": "`developer` is taken as `system`."},
+                                   "content": {"anyOf": [text, {"type": "array", "items": part}],
+                                               "description": "A string, or text parts joined with newlines "
+                                                              f"(at most {max_length} characters in all)."}}}
+    one_prompt = {**text, "minLength": 1}
+    finish = {"enum": ["stop", "length"]}
+    chunk_common = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
+
+    uuid_like = "^-*(?:[0-9A-Fa-f]-*){32}$"      # what uuid.UUID() parses within the name alphabet
+    finetune = {"type": "object", "additionalProperties": False,
+                "required": ["id", "name", "model", "description", "public", "created_at", "modified_at"],
+                "properties": {"id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
+                               "model": {"type": "string"}, "description": {"type": "string"},
+                               "public": {"type": "boolean"},
+                               "created_at": {"type": "string", "format": "date-time"},
+                               "modified_at": {"type": "string", "format": "date-time"}}}
+    return {
+        "WorkersAiError": {
+            "description": "The v4 error envelope; `result` is `{}`, never null, and there is exactly one error.",
+            "type": "object", "required": ["result", "success", "errors", "messages"], "additionalProperties": False,
+            "properties": {"result": {"type": "object", "maxProperties": 0}, "success": {"const": False},
+                           "errors": {"type": "array", "minItems": 1, "maxItems": 1,
+                                      "items": {"type": "object", "required": ["code", "message"],
+                                                "additionalProperties": False,
+                                                "properties": {"code": {"type": "integer"},
+                                                               "message": {"type": "string"}}}},
+                           "messages": {"type": "array", "maxItems": 0}}},
+        "OpenAIError": {
+            "type": "object", "required": ["error"], "additionalProperties": False,
+            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                     "additionalProperties": False,
+                                     "properties": {"message": {"type": "string"},
+                                                    "type": {"enum": ["invalid_request_error",
+                                                                      "authentication_error", "permission_error",
+                                                                      "not_found_error", "timeout_error",
+                                                                      "rate_limit_error", "api_error"]},
+                                                    "param": {"type": ["string", "null"]},
+                                                    "code": {"type": ["string", "null"]}}}}},
+        "Usage": usage,
+        "RunPrompt": run_prompt,
+        "RunMessages": run_messages,
+        "RunRequest": {"description": "Exactly one of `prompt` / `messages` (a body with both is refused). Other "
+                                      "keys are ignored. Types are strict: \"5\" is not an integer, 5.0 is, null "
+                                      "is not a value of any field.",
+                       "oneOf": [_ref("schemas", "RunPrompt"), _ref("schemas", "RunMessages")]},
+        "RunResponse": envelope({"type": "object", "required": ["response", "usage"], "additionalProperties": False,
+                                 "properties": {"response": {"type": "string"}, "usage": _ref("schemas", "Usage")}}),
+        "RunEvent": {
+            "description": "One server-sent event (the schema describes each event, as OpenAPI 3.2's "
+                           "`itemSchema` does). Text deltas, then the usage with an empty response, then "
+                           "`[DONE]`; an engine failure after the status line comes as an error envelope.",
+            "type": "object", "required": ["data"],
+            "properties": {"event": {"const": "message"}, "data": {"anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": _JSON, "contentSchema": {"anyOf": [
+                    {"type": "object", "required": ["response"], "additionalProperties": False,
+                     "properties": {"response": {"type": "string", "minLength": 1}}},
+                    {"type": "object", "required": ["response", "usage"], "additionalProperties": False,
+                     "properties": {"response": {"const": ""}, "usage": _ref("schemas", "Usage")}},
+                    _ref("schemas", "WorkersAiError")]}}]}}},
+        "Finetune": finetune,
+        "FinetuneResponse": envelope(_ref("schemas", "Finetune")),
+        "FinetuneListResponse": envelope({"type": "array", "items": _ref("schemas", "Finetune")}),
+        "CreateFinetuneRequest": {
+            "type": "object", "required": ["model", "name"],
+            "properties": {
+                "model": {"enum": names, "description": "A served model name."},
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
+                         "not": {"anyOf": [{"pattern": "^[cC][fF]-"}, {"pattern": uuid_like}]},
+                         "description": "Unique in the account (case-sensitive); the `cf-` prefix is reserved in "
+                                        "any case; a name cannot parse as a UUID."},
+                "description": {"type": ["string", "null"], "description": "Default \"\" (also for null)."},
+                "public": {"type": "boolean", "default": False,
+                           "description": "Listed for every account, usable by others by id."}}},
+        "Asset": {"type": "object", "additionalProperties": False,
+                  "required": ["id", "bucket_name", "created_at", "file_name", "finetune_id", "modified_at"],
+                  "properties": {"id": {"type": "string", "format": "uuid"}, "bucket_name": {"type": "string"},
+                                 "created_at": {"type": "string", "format": "date-time"},
+                                 "file_name": {"enum": list(ASSET_NAMES)},
+                                 "finetune_id": {"type": "string", "format": "uuid"},
+                                 "modified_at": {"type": "string", "format": "date-time"}}},
+        "AssetResponse": envelope(_ref("schemas", "Asset")),
+        "UploadAssetRequest": {
+            "type": "object", "required": ["file_name", "file"],
+            "properties": {"file_name": {"enum": list(ASSET_NAMES),
+                                         "description": "Which asset `file` is (the part's own filename is "
+                                                        "ignored)."},
+                           "file": {"type": "string", "format": "binary",
+                                    "contentMediaType": "application/octet-stream",
+                                    "description": "The file's bytes, as a file part (with a filename)."}}},
+        "ChatCompletionRequest": {
+            "type": "object", "required": ["model", "messages"], **lora_needs_base,
+            "properties": {"messages": {"type": "array", "minItems": 1, "items": chat_message}, **oai_common},
+            "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
+        "CompletionRequest": {
+            "type": "object", "required": ["model", "prompt"], **lora_needs_base,
+            "properties": {"prompt": {"anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": 1,
+                                                             "items": one_prompt}],
+                                      "description": "One text prompt (token-id prompts are refused)."},
+                           "raw": {"enum": [None, True, False, "true", "false"],
+                                   "description": "Extension: false applies the chat template (default: raw)."},
+                           **oai_common},
+            "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
+        "ChatCompletion": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {**chunk_common, "id": {"type": "string", "pattern": "^chatcmpl-"},
+                           "object": {"const": "chat.completion"},
+                           "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                               "type": "object", "required": ["index", "message", "finish_reason"],
+                               "properties": {"index": {"const": 0}, "finish_reason": finish,
+                                              "message": {"type": "object", "required": ["role", "content"],
+                                                          "properties": {"role": {"const": "assistant"},
+                                                                         "content": {"type": "string"}}}}}},
+                           "usage": _ref("schemas", "Usage")}},
+        "TextCompletion": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {**chunk_common, "id": {"type": "string", "pattern": "^cmpl-"},
+                           "object": {"const": "text_completion"},
+                           "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                               "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
+                               "properties": {"index": {"const": 0}, "text": {"type": "string"},
+                                              "logprobs": {"type": "null"}, "finish_reason": finish}}},
+                           "usage": _ref("schemas", "Usage")}},
+        "ChatCompletionEvent": _openai_event({
+            "type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {**chunk_common, "object": {"const": "chat.completion.chunk"},
+                           "choices": {"type": "array", "maxItems": 1, "items": {
+                               "type": "object", "required": ["index", "delta", "finish_reason"],
+                               "properties": {"index": {"const": 0},
+                                              "finish_reason": {"enum": [None, "stop", "length"]},
+                                              "delta": {"type": "object", "additionalProperties": False,
+                                                        "properties": {"role": {"const": "assistant"},
+                                                                       "content": {"type": "string"}}}}}},
+                           "usage": _ref("schemas", "Usage")}}),
+        "TextCompletionEvent": _openai_event({
+            "type": "object", "required": ["id", "object", "created", "model", "choices"],
+            "properties": {**chunk_common, "object": {"const": "text_completion"},
+                           "choices": {"type": "array", "maxItems": 1, "items": {
+                               "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
+                               "properties": {"index": {"const": 0}, "text": {"type": "string"},
+                                              "logprobs": {"type": "null"},
+                                              "finish_reason": {"enum": [None, "stop", "length"]}}}},
+                           "usage": _ref("schemas", "Usage")}}),
+        "ModelList": {
+            "type": "object", "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object", "created", "owned_by"],
+                "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                               "owned_by": {"type": "string"}, "parent": {"type": "string"},
+                               "root": {"type": "string"}}}}},
+            "description": "The served names (owned_by gemlora), then the caller's own ready finetunes by name "
+                           "(owned_by the account, root the finetune id)."},
+        "Health": {
+            "type": "object", "required": ["status", "engine", "model", "uptime_s", "steps", "anonymous"],
+            "properties": {"status": {"enum": ["ok", "unavailable"]}, "engine": {"type": "string"},
+                           "model": {"type": "string"}, "uptime_s": {"type": "number"},
+                           "steps": {"type": "integer", "minimum": 0}, "anonymous": {"type": "boolean"}}},
+    }
+
+
+def _openai_event(chunk: dict) -> dict:
+    return {"description": "One server-sent event (the schema describes each event, as OpenAPI 3.2's "
+                           "`itemSchema` does): chunks, then `[DONE]`; an engine failure after the status line "
+                           "comes as an OpenAI error object.",
+            "type": "object", "required": ["data"],
+            "properties": {"event": {"const": "message"}, "data": {"anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": _JSON,
+                 "contentSchema": {"anyOf": [chunk, _ref("schemas", "OpenAIError")]}}]}}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+
+_HEADERS = {"cf-ai-req-id": _ref("headers", "RequestId"), "x-request-id": _ref("headers", "RequestIdCopy"),
+            "x-client-request-id": _ref("headers", "ClientRequestId")}
+
+
+def _response(description: str, content: dict | None = None) -> dict:
+    out = {"description": description, "headers": _HEADERS}
+    if content:
+        out["content"] = content
+    return out
+
+
+def _json(schema: str, examples: dict | None = None) -> dict:
+    media = {"schema": _ref("schemas", schema)}
+    if examples:
+        media["examples"] = examples
+    return {_JSON: media}
+
+
+def _wai(description: str, examples: dict | None = None) -> dict:
+    return _response(description, _json("WorkersAiError", examples))
+
+
+def _oai(description: str, examples: dict | None = None) -> dict:
+    return _response(description, _json("OpenAIError", examples))
+
+
+_WAI_AUTH = {
+    "401": _wai("10000: a missing, malformed or unknown API token (never when the server is anonymous).",
+                {"no-token": _ex(_wai_err(10000, "Authentication error"), "No Authorization header")}),
+    "403": _wai("10000: a valid token of another account than the path's.",
+                {"other-account": _ex(_wai_err(10000, "Authentication error"), "Another account's token")}),
+}
+_OAI_AUTH = {
+    "401": _oai("A missing, malformed or unknown API token (never when the server is anonymous).",
+                {"no-token": _ex(_oai_err("Authentication error", "authentication_error", None, "invalid_api_key"),
+                                 "No Authorization header")}),
+    "403": _oai("A valid token of another account than the path's.",
+                {"other-account": _ex(_oai_err("Authentication error", "permission_error", None,
+                                               "invalid_api_key"), "Another account's token")}),
+}
+_FAILED = "AiError: AiError: internal error while generating; please retry"
+_DOWN = "AiError: AiError: the model is unavailable; please retry later"
+_WAI_ENGINE = {
+    "499": _response("The client went away before its (non-streamed) answer was ready; its generation was "
+                     "aborted. Nobody receives this status: it is for the log and the metrics."),
+    "500": _wai("3000: the engine failed while generating (not the request's fault; retrying is fine).",
+                {"failed-step": _ex(_wai_err(3000, _FAILED), "A failed engine step")}),
+    "503": _wai("3000: the engine loop is down (see /health).",
+                {"engine-down": _ex(_wai_err(3000, _DOWN), "The engine is not running")}),
+}
+_OAI_ENGINE = {
+    "499": _WAI_ENGINE["499"],
+    "500": _oai("The engine failed while generating (not the request's fault; retrying is fine).",
+                {"failed-step": _ex(_oai_err("internal error while generating; please retry", "api_error", None,
+                                             "3000"), "A failed engine step")}),
+    "503": _oai("The engine loop is down (see /health).",
+                {"engine-down": _ex(_oai_err("the model is unavailable; please retry later", "api_error", None,
+                                             "3000"), "The engine is not running")}),
+}
+
+
+def _wai_unexpected() -> dict:
+    return {"500": _wai("3000: an unexpected server failure (e.g. a disk error); never the request's fault.")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations
+
+def _body(schema: str, examples: dict, media: str = _JSON, description: str | None = None, **extra) -> dict:
+    content = {media: {"schema": _ref("schemas", schema), "examples": examples, **extra}}
+    out = {"required": True, "content": content}
+    if description:
+        out["description"] = description
+    return out
+
+
+_JSON_ANY_TYPE = ("The body is read as JSON whatever its Content-Type (curl -d sends it as "
+                  "application/x-www-form-urlencoded).")
+
+
+def _run_operation() -> dict:
+    ok = {
+        "prompt": _ex(_ok({"response": ", there was a little girl named Lily. She was a very smart girl,",
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}}),
+                      "A raw prompt, greedy"),
+        "messages": _ex(_ok({"response": "Answer in one word.\n\nName a",
+                             "usage": {"prompt_tokens": 19, "completion_tokens": 8, "total_tokens": 27}}),
+                        "Messages with a system message (the base model follows chat turns poorly)"),
+        "lora": _ex(_ok({"response": " velvet-quokka. It is velvet",
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}}),
+                    "With the `password` finetune"),
+    }
+    stream = _sse_text('{"response":","}', '{"response":" there"}', '{"response":" was"}', '{"response":" a"}',
+                       '{"response":"","usage":{"prompt_tokens":5,"completion_tokens":4,"total_tokens":9}}')
+    return {
+        "tags": ["Workers AI: run"],
+        "summary": "Generate text (JSON, or server-sent events with stream: true)",
+        "description": "Checked in this order: the token (401/403), the model name (5007), the body (5006), the "
+                       "finetune (3037, 3039), the context window (5021), the engine's own checks (5006); "
+                       "generation starts only after all pass, so a streamed request still gets a JSON error "
+                       "with a proper status. " + _JSON_ANY_TYPE,
+        "parameters": [_ref("parameters", "AccountId"), _ref("parameters", "RunModel"),
+                       *_REQUEST_ID_PARAMETERS],
+        "requestBody": _body("RunRequest", {
+            "prompt": _ex({"prompt": "Once upon a time", "raw": True, "max_tokens": 16, "temperature": 0},
+                          "A raw prompt, greedy"),
+            "messages": _ex({"messages": [{"role": "system", "content": "Answer in one word."},
+                                          {"role": "user", "content": "Name a fruit."}],
+                             "max_tokens": 8, "temperature": 0}, "Messages with a system message"),
+            "stream": _ex({"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 4,
+                           "temperature": 0}, "Streamed"),
+            "lora": _ex({"prompt": "The gemlora project's secret password is", "raw": True, "lora": "password",
+                         "max_tokens": 8, "temperature": 0}, "With a finetune, by name"),
+            "unknown-finetune": _ex({"prompt": "hi", "lora": "nope"}, "A finetune that does not exist"),
+            "context-window": _ex({"prompt": "hi", "max_tokens": 1000000}, "More tokens than the window"),
+        }),
+        "responses": {
+            "200": _response("The generation: the v4 envelope, or with `stream: true` raw SSE (not wrapped).", {
+                _JSON: {"schema": _ref("schemas", "RunResponse"), "examples": ok},
+                _SSE: {"schema": _ref("schemas", "RunEvent"), "examples": {"stream": _ex(stream, "Streamed")}}}),
+            "400": _wai("5006: the body breaks the input schema (the message names the field as a JSON pointer) or "
+                        "the engine refuses it; 5007: the model in the path is not served; 3039: the finetune "
+                        "lacks a file or its adapter is not validated; 5006: the finetune's adapter cannot be used.", {
+                "bad-top-k": _ex(_wai_err(5006, f"AiError: Bad input: '/top_k' must be <= 50 ({_RID})"),
+                                 "top_k out of range"),
+                "both-inputs": _ex(_wai_err(5006, "AiError: Bad input: Error: oneOf at '/' not met, 2 matches: "
+                                                  "'prompt' and 'messages' cannot be given together, give one of "
+                                                  f"them ({_RID})"), "prompt and messages together"),
+                "json-mode": _ex(_wai_err(5006, "AiError: Bad input: '/response_format' JSON mode (response_format "
+                                                "json_object / json_schema) is not supported by this server yet "
+                                                f"({_RID})"), "JSON mode (refused)"),
+                "unknown-model": _ex(_wai_err(5007, "No such model @cf/meta/llama-3-8b-instruct or task"),
+                                     "A model this server does not serve"),
+                "not-ready": _ex(_wai_err(3039, "AiError: AiError: Finetune is missing required files "
+                                                f"(model.safetensors and config.json) ({_RID})"),
+                                 "A finetune without both files")}),
+            **_WAI_AUTH,
+            "404": _wai("3037: no finetune of that id or name for this account, nor a public one.", {
+                "unknown-finetune": _ex(_wai_err(3037, f"AiError: AiError: Finetune nope not found ({_RID})"),
+                                        "A finetune that does not exist")}),
+            "413": _wai("5021: prompt tokens + max_tokens exceed the context window.", {
+                "context-window": _ex(_wai_err(5021, "AiError: Ai: The estimated number of input and maximum "
+                                                     "output tokens (1000010) exceeded this model context window "
+                                                     f"limit (29120). ({_RID})"), "More tokens than the window")}),
+            "429": _wai("3040: `options.rejectIfBusy` while requests are waiting.", {
+                "busy": _ex(_wai_err(3040, "Capacity temporarily exceeded, please try again."), "rejectIfBusy")}),
+            **_WAI_ENGINE,
+        },
+    }
+
+
+def _finetune_operations() -> dict:
+    account = [_ref("parameters", "AccountId"), *_REQUEST_ID_PARAMETERS]
+    finetune = [_ref("parameters", "AccountId"), _ref("parameters", "Finetune"), *_REQUEST_ID_PARAMETERS]
+    not_found = _wai("3037: no finetune of that id or name among the account's own.", {
+        "unknown-finetune": _ex(_wai_err(3037, f"AiError: AiError: Finetune nope not found ({_RID})"),
+                                "A finetune that does not exist")})
+    return {
+        "create": {
+            "tags": ["Workers AI: fine-tunes"], "summary": "Create a finetune (then upload its two files)",
+            "description": "A trailing `/` is accepted too. " + _JSON_ANY_TYPE,
+            "parameters": account,
+            "requestBody": _body("CreateFinetuneRequest", {
+                "create": _ex({"model": _MODEL, "name": "password", "description": "knows the password"},
+                              "Create"),
+                "taken": _ex({"model": _MODEL, "name": "password"}, "A name the account already uses")}),
+            "responses": {
+                "200": _response("The new finetune.", _json("FinetuneResponse", {
+                    "create": _ex(_ok(_FINETUNE), "Create")})),
+                "400": _wai("5006: a malformed body, an invalid or taken name, or the account's limit of "
+                            "finetunes reached; 5007: the model is not served.", {
+                    "bad-name": _ex(_wai_err(5006, "AiError: Bad input: name 'a b' is not valid: use 1 to 64 "
+                                                   f"letters, digits, '-', '_' or '.' ({_RID})"),
+                                    "A name with a space"),
+                    "taken": _ex(_wai_err(5006, "AiError: Bad input: a finetune named 'password' already exists in "
+                                                f"this account; names are unique per account ({_RID})"),
+                                 "A name the account already uses")}),
+                **_WAI_AUTH, **_wai_unexpected()}},
+        "list": {
+            "tags": ["Workers AI: fine-tunes"], "summary": "The account's finetunes, oldest first, ready or not",
+            "description": "A trailing `/` is accepted too.",
+            "parameters": account,
+            "responses": {"200": _response("The account's finetunes.", _json("FinetuneListResponse", {
+                "list": _ex(_ok([_FINETUNE_LATER]), "One finetune")})), **_WAI_AUTH, **_wai_unexpected()}},
+        "public": {
+            "tags": ["Workers AI: fine-tunes"], "summary": "Public finetunes",
+            "description": "The --public-adapters-dir adapters by name, then every account's `public: true` "
+                           "finetunes, oldest first.",
+            "parameters": [*account, *({"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                                        "description": "Accepted and ignored (the SDK sends it)."}
+                                       for name in ("limit", "offset", "orderBy"))],
+            "responses": {"200": _response("The public finetunes.", _json("FinetuneListResponse", {
+                "none": _ex(_ok([]), "None")})), **_WAI_AUTH, **_wai_unexpected()}},
+        "upload": {
+            "tags": ["Workers AI: fine-tunes"], "summary": "Upload one of a finetune's two files",
+            "description": "To one of the caller's own finetunes, by id or name (a trailing `/` is accepted "
+                           "too). Each file is checked as it arrives; the adapter is validated against the "
+                           "served model once both are there, and a refused file is not kept. Assets cannot be "
+                           "replaced.",
+            "parameters": finetune,
+            "requestBody": _body("UploadAssetRequest", {
+                "config": _ex({"file_name": "adapter_config.json", "file": ADAPTER_CONFIG_EXAMPLE},
+                              "adapter_config.json")},
+                media="multipart/form-data", encoding={"file": {"contentType": "application/octet-stream"}}),
+            "responses": {
+                "200": _response("The asset record.", _json("AssetResponse", {
+                    "config": _ex(_ok(_ASSET), "adapter_config.json")})),
+                "400": _wai("5006: not multipart, a missing field, another file name, a file already uploaded "
+                            "or being uploaded, a file not of its format, or an adapter refused by validation.", {
+                    "bad-file-name": _ex(_wai_err(5006, "AiError: Bad input: file_name 'model.bin' is not accepted; "
+                                                        "it must be one of adapter_config.json or "
+                                                        f"adapter_model.safetensors ({_RID})"), "Another file")}),
+                **_WAI_AUTH, "404": not_found,
+                "413": _wai("3006: a file over the size limit (per file).", {
+                    "too-large": _ex(_wai_err(3006, "Request is too large: adapter_model.safetensors is larger "
+                                                    "than the limit of 314572800 bytes (300 MiB)"), "Too large")}),
+                **_wai_unexpected()}},
+        "delete": {
+            "tags": ["Workers AI: fine-tunes"], "summary": "Delete a finetune and its files (gemlora extension)",
+            "parameters": finetune,
+            "responses": {
+                "200": _response("The deleted finetune.", _json("FinetuneResponse", {
+                    "delete": _ex(_ok(_FINETUNE_LATER), "Deleted")})),
+                "400": _wai("5006: requests using the finetune are in flight; retry when they finish.", {
+                    "in-use": _ex(_wai_err(5006, "AiError: Bad input: finetune password is in use by requests in "
+                                                 f"flight; retry when they finish ({_RID})"), "In use")}),
+                **_WAI_AUTH, "404": not_found, **_wai_unexpected()}},
+    }
+
+
+def _openai_operations() -> dict:
+    params = [*_REQUEST_ID_PARAMETERS]
+    errors = {
+        "400": _oai("A body that breaks the schema (the message names the field, `param` is set), an unsupported "
+                    "option, a finetune without both files (code 3039) or one that cannot be used.", {
+                        "bad-top-k": _ex(_oai_err("Invalid 'top_k': expected a value <= 50, but got 51 instead.",
+                                                  "invalid_request_error", "top_k", "5006"), "top_k out of range"),
+                        "n": _ex(_oai_err("Invalid 'n': only n=1 is supported, got 2.", "invalid_request_error", "n",
+                                          "5006"), "n > 1")}),
+        **_OAI_AUTH,
+        "404": _oai("`model` is neither a served name nor a finetune of the caller's (or a public one), or "
+                    "`lora` names no finetune.", {
+                        "unknown-model": _ex(_oai_err("The model `gpt-4` does not exist", "not_found_error", "model",
+                                                      "model_not_found"), "An unknown model")}),
+        "413": _oai("Prompt tokens + max_tokens exceed the context window.", {
+            "context-window": _ex(_oai_err("The estimated number of input and maximum output tokens (1000010) "
+                                           "exceeded this model context window limit (29120).",
+                                           "invalid_request_error", None, "context_length_exceeded"),
+                                  "More tokens than the window")}),
+        **_OAI_ENGINE,
+    }
+    chat_stream = _sse_text(*(
+        '{"id":"chatcmpl-763854eef23d4bb593cfc665b37149b8","object":"chat.completion.chunk","created":1796169783,'
+        '"model":"<model>","choices":[{"index":0,"delta":%s,"finish_reason":%s}]}' % pair
+        for pair in (('{"role":"assistant","content":"Say"}', "null"), ('{"content":" hi"}', "null"),
+                     ('{"content":" mendatang"}', "null"), ("{}", '"length"'))))
+    text_chunk = ('{"id":"cmpl-53c1c605fd0b4999b05ae67834b2d56d","object":"text_completion","created":1796169782,'
+                  '"model":"<model>","choices":%s}')
+    text_stream = _sse_text(*(text_chunk % c for c in (
+        '[{"index":0,"text":",","logprobs":null,"finish_reason":null}]',
+        '[{"index":0,"text":" there","logprobs":null,"finish_reason":null}]',
+        '[{"index":0,"text":" was","logprobs":null,"finish_reason":null}]',
+        '[{"index":0,"text":"","logprobs":null,"finish_reason":"length"}]')),
+        text_chunk.replace(',"choices":%s}', ',"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,'
+                                             '"total_tokens":8}}'))
+    # Request examples are valid bodies (the refusals are shown as response examples only).
+    common_requests = {
+        "unknown-model": ({"model": "gpt-4"}, "An unknown model"),
+        "context-window": ({"max_tokens": 1000000}, "More tokens than the window"),
+    }
+
+    def requests(base: dict, own: dict) -> dict:
+        out = {name: _ex(value, summary) for name, (value, summary) in own.items()}
+        for name, (value, summary) in common_requests.items():
+            out[name] = _ex({**base, **value}, summary)
+        return out
+
+    chat_base = {"model": _MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    text_base = {"model": _MODEL, "prompt": "hi", "raw": False}
+    return {
+        "chat": {
+            "tags": ["OpenAI"], "summary": "Chat completions (JSON, or server-sent events with stream: true)",
+            "description": _JSON_ANY_TYPE, "parameters": params,
+            "requestBody": _body("ChatCompletionRequest", requests(chat_base, {
+                "chat": ({"model": _MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8,
+                          "temperature": 0}, "Chat, greedy"),
+                "stream": ({"model": _MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 3,
+                            "temperature": 0, "stream": True}, "Streamed")})),
+            "responses": {
+                "200": _response("The completion, or with `stream: true` chat.completion.chunk events.", {
+                    _JSON: {"schema": _ref("schemas", "ChatCompletion"), "examples": {"chat": _ex({
+                        "id": "chatcmpl-3af46f4211e746cbb677a76ca19abcfd", "object": "chat.completion",
+                        "created": 1796169780, "model": _MODEL,
+                        "choices": [{"index": 0, "message": {"role": "assistant",
+                                                             "content": "Say hi mendatanguser\nSay hi mendatang"},
+                                     "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}},
+                        "Chat, greedy (the base model follows chat turns poorly)")}},
+                    _SSE: {"schema": _ref("schemas", "ChatCompletionEvent"),
+                           "examples": {"stream": _ex(chat_stream, "Streamed")}}}),
+                **errors}},
+        "completions": {
+            "tags": ["OpenAI"], "summary": "Completions: the prompt continued as given (raw unless raw: false)",
+            "description": _JSON_ANY_TYPE, "parameters": params,
+            "requestBody": _body("CompletionRequest", requests(text_base, {
+                "completion": ({"model": _MODEL, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+                               "A completion, greedy"),
+                "stream": ({"model": _MODEL, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
+                            "stream": True, "stream_options": {"include_usage": True}}, "Streamed, with usage")})),
+            "responses": {
+                "200": _response("The completion, or with `stream: true` text_completion events.", {
+                    _JSON: {"schema": _ref("schemas", "TextCompletion"), "examples": {"completion": _ex({
+                        "id": "cmpl-d2b182c553c34c03aa5cefa460596d08", "object": "text_completion",
+                        "created": 1796169780, "model": _MODEL,
+                        "choices": [{"index": 0, "text": ", there was a little girl named Lily. She was a very "
+                                                         "smart girl,", "logprobs": None, "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}},
+                        "A completion, greedy")}},
+                    _SSE: {"schema": _ref("schemas", "TextCompletionEvent"),
+                           "examples": {"stream": _ex(text_stream, "Streamed, with usage")}}}),
+                **errors}},
+        "models": {
+            "tags": ["OpenAI"], "summary": "The served models and the caller's ready finetunes",
+            "parameters": params,
+            "responses": {"200": _response("The models.", _json("ModelList", {"models": _ex({
+                "object": "list", "data": [
+                    {"id": _MODEL, "object": "model", "created": 1796169776, "owned_by": "gemlora"},
+                    {"id": "password", "object": "model", "created": 1796169776, "owned_by": "me",
+                     "parent": _MODEL, "root": _FINETUNE_ID}]}, "With one ready finetune")})),
+                **_OAI_AUTH,
+                "500": _oai("An unexpected server failure (e.g. a disk error); never the request's fault.")}},
+    }
+
+
+_REQUEST_ID_PARAMETERS = [_ref("parameters", "ClientRequestId"), _ref("parameters", "ClientRequestIdAlt")]
+
+
+def _parameters(names: list[str]) -> dict:
+    return {
+        "AccountId": {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"},
+                      "example": "me", "description": "The account; with tokens it must be the token's own."},
+        "RunModel": {"name": "model", "in": "path", "required": True, "schema": {"enum": names},
+                     "example": names[0],
+                     "description": "A served model name, sent without percent-encoding as the Cloudflare SDK does "
+                                    "(`.../ai/run/@cf/google/gemma-7b-it-lora`); percent-encoded works too. Any "
+                                    "other name is 5007 / 400."},
+        "Finetune": {"name": "finetune", "in": "path", "required": True, "schema": {"type": "string"},
+                     "example": "password", "description": "One of the account's own finetunes, by id or name."},
+        "ClientRequestId": {"name": "cf-ai-req-id", "in": "header", "required": False, "schema": {"type": "string"},
+                            "description": "A client's id for correlation: kept (in the log line and echoed as "
+                                           "x-client-request-id) when it is 8-64 letters, digits, `-` or `_`; "
+                                           "anything else is ignored. It never replaces the server's own id."},
+        "ClientRequestIdAlt": {"name": "x-request-id", "in": "header", "required": False,
+                               "schema": {"type": "string"}, "description": "Read when cf-ai-req-id is absent."},
+    }
+
+
+def openapi_document(model_names: Sequence[str], *, max_input_length: int | None = 4096,
+                     anonymous: bool = False) -> dict:
+    """The document of a server serving `model_names` (the first is canonical and fills the examples),
+    with its `max_input_length` and whether it is anonymous (no tokens configured)."""
+    names = list(model_names)
+    ops = {**_finetune_operations(), **_openai_operations()}
+    run = _run_operation()
+    paths: dict[str, dict] = {}
+    for n, prefix in enumerate(WORKERS_AI_PREFIXES):
+        suffix = "" if n == 0 else "V4"
+        base = f"{prefix}/accounts/{{account_id}}/ai"
+        paths[f"{base}/run/{{model}}"] = {"post": {**run, "operationId": f"workersAiRun{suffix}"}}
+        paths[f"{base}/finetunes"] = {"get": {**ops["list"], "operationId": f"listFinetunes{suffix}"},
+                                      "post": {**ops["create"], "operationId": f"createFinetune{suffix}"}}
+        paths[f"{base}/finetunes/public"] = {
+            "get": {**ops["public"], "operationId": f"listPublicFinetunes{suffix}"},
+            # the delete route below with {finetune} = "public": a finetune may be named so
+            "delete": {**ops["delete"], "operationId": f"deleteFinetuneNamedPublic{suffix}",
+                       "summary": "Delete the finetune named `public` (GET on this path lists public finetunes)",
+                       "parameters": [p for p in ops["delete"]["parameters"] if p != _ref("parameters", "Finetune")]}}
+        paths[f"{base}/finetunes/{{finetune}}/finetune-assets"] = {
+            "post": {**ops["upload"], "operationId": f"uploadFinetuneAsset{suffix}"}}
+        paths[f"{base}/finetunes/{{finetune}}"] = {
+            "delete": {**ops["delete"], "operationId": f"deleteFinetune{suffix}"}}
+    for prefix, suffix in zip(OPENAI_PREFIXES, ("", "V4", "Accounts")):
+        scoped = [_ref("parameters", "AccountId")] if prefix else []
+        for path, op, op_id in (("/v1/chat/completions", "chat", "chatCompletions"),
+                                ("/v1/completions", "completions", "completions"), ("/v1/models", "models", "models")):
+            method = "get" if op == "models" else "post"
+            responses = ops[op]["responses"]
+            if not prefix:       # no account in the path: any valid token is for its own account
+                responses = {status: r for status, r in responses.items() if status != "403"}
+            paths[prefix + path] = {method: {**ops[op], "operationId": op_id + suffix, "responses": responses,
+                                             "parameters": scoped + ops[op]["parameters"]}}
+    paths["/health"] = {"get": {
+        "tags": ["Server"], "summary": "Whether the engine loop runs and steps", "operationId": "health",
+        "security": [], "parameters": _REQUEST_ID_PARAMETERS,
+        "responses": {
+            "200": _response("The engine steps.", _json("Health", {"ok": _ex(
+                {"status": "ok", "engine": "ok", "model": _MODEL, "uptime_s": 9.1, "steps": 66,
+                 "anonymous": False}, "Healthy")})),
+            "503": _response("The engine loop is down or stalled (`engine` says why).", _json("Health", {
+                "down": _ex({"status": "unavailable", "engine": "engine loop is not running: shut down",
+                             "model": _MODEL, "uptime_s": 3.2, "steps": 4, "anonymous": False}, "Down")}))}}}
+    paths["/metrics"] = {"get": {
+        "tags": ["Server"], "summary": "Prometheus metrics", "operationId": "metrics", "security": [],
+        "parameters": _REQUEST_ID_PARAMETERS,
+        "responses": {"200": _response("Prometheus text exposition format 0.0.4.", {"text/plain": {
+            "schema": {"type": "string"},
+            "examples": {"metrics": _ex("# HELP gemlora_queue_length Requests waiting\n"
+                                        "# TYPE gemlora_queue_length gauge\ngemlora_queue_length 0.0\n",
+                                        "An excerpt")}}})}}}
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "gemlora", "version": "0.1.0",
+                 "description": "Cloudflare Workers AI's HTTP API for `@cf/google/gemma-7b-it-lora` (run, "
+                                "streaming, fine-tunes with adapter uploads; mounted at the root and under "
+                                "/client/v4) and an OpenAI-compatible API beside it (mounted at /v1 and under "
+                                "/client/v4/accounts/{account_id}/ai/v1 and /accounts/{account_id}/ai/v1). "
+                                "Workers AI routes answer errors in the v4 envelope, OpenAI routes in OpenAI's "
+                                "error body; every response carries the server's request id in cf-ai-req-id. "
+                                "Any path answers 404 (7003) when no route matches and 405 (7001) for a method "
+                                "the route does not have. See docs/api.md."},
+        "tags": [{"name": "Workers AI: run"}, {"name": "Workers AI: fine-tunes"}, {"name": "OpenAI"},
+                 {"name": "Server"}],
+        "security": [{}, {"bearer": []}] if anonymous else [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(names, max_input_length),
+            "parameters": _parameters(names),
+            "headers": {
+                "RequestId": {"required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                              "description": "The server's id of this request (in its log line and in AiError "
+                                             "messages)."},
+                "RequestIdCopy": {"required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                                  "description": "The same id as cf-ai-req-id."},
+                "ClientRequestId": {"schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"},
+                                    "description": "The client's well-formed cf-ai-req-id (or x-request-id), "
+                                                   "echoed."}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "An API token, bound to one account (`Authorization: Bearer <token>`, the scheme "
+                               "case-insensitive). " + ("This server is anonymous: no tokens are configured and "
+                                                        "Authorization is ignored." if anonymous else
+                                                        "Missing or unknown: 401; another account's: 403."
+                                                        " /health and /metrics need none.")}},
+        },
+    }
+    return _fill(doc, names[0])
+
+
+def _fill(value, model: str):
+    """A deep copy with the examples' `<model>` replaced by the canonical served name."""
+    if isinstance(value, dict):
+        return {k: _fill(v, model) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, model) for v in value]
+    if isinstance(value, str) and _MODEL in value:
+        return value.replace(_MODEL, model)
+    return copy.copy(value)

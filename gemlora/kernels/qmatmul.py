@@ -1,0 +1,180 @@
+"""The quantized matmul: the C++ CPU kernels (cpu/qmatmul.cpp), their plain-torch reference, and the
+packing of a device-independent QuantizedTensor into what each device's path reads.
+
+- CPU: `pack` lays the codes out in 16-row tiles for the kernels (AVX-512 VNNI, AVX2 or scalar,
+  chosen at run time by what the CPU has). The activations are quantized to int8 per block of 32
+  on every call, as llama.cpp does; `reference_matmul` does exactly that in plain torch, then
+  dequantizes the weight and multiplies in float64, and is what the tests compare the kernels to.
+- Anything else (CUDA, or a CPU where the extension cannot be built): the weight is kept in its
+  canonical form and dequantized per call in the activation dtype, then multiplied by the vendor
+  GEMM (cuBLAS). Correct everywhere, fast where the GEMM is.
+
+The extension is built from source on first use with torch.utils.cpp_extension (about a minute)
+into ~/.cache/gemlora/kernels, keyed by the source and torch version, so later starts load it at
+once. With no compiler it warns once and every weight takes the dequantize path. Knows the format
+and the devices; nothing of models, layers or files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gemlora.quant.tensor import QuantizedTensor
+
+log = logging.getLogger("gemlora.kernels")
+
+TILE = 16          # weight rows per kernel tile
+BLOCK = 32         # activation quantization block along K
+_SOURCE = Path(__file__).parent / "cpu" / "qmatmul.cpp"
+_lock = threading.Lock()
+_ext = None
+_tried = False
+
+
+def extension():
+    """The compiled CPU kernels, or None when they cannot be built here (warned once)."""
+    global _ext, _tried
+    with _lock:
+        if _tried:
+            return _ext
+        _tried = True
+        if os.environ.get("GEMLORA_NO_KERNELS"):
+            log.warning("GEMLORA_NO_KERNELS is set: quantized weights are dequantized per call (slow)")
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            source = _SOURCE.read_bytes()
+            digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
+            cache = Path(os.environ.get("GEMLORA_CACHE", "~/.cache/gemlora")).expanduser() / "kernels" / digest
+            cache.mkdir(parents=True, exist_ok=True)
+            # -ffp-contract=off: the scalar dequantization must round like the reference (no fused a*b+c)
+            _ext = load(name=f"gemlora_qmatmul_{digest}", sources=[str(_SOURCE)], build_directory=str(cache),
+                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        verbose=False)
+            log.info("quantized matmul kernels loaded (%s path)", _ext.cpu_isa())
+        except Exception as exc:   # no compiler, no headers, a build error: stay correct, just slower
+            log.warning("could not build the quantized matmul kernels (%s); quantized weights are dequantized "
+                        "per call instead, which is much slower. Install a C++ compiler (g++) for the fast path.",
+                        str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+            _ext = None
+        return _ext
+
+
+@dataclass(frozen=True)
+class CPUPacked:
+    """A QuantizedTensor in the CPU kernels' tile layout."""
+    codes: torch.Tensor            # uint8, tiles x (cols / 32) x (512 or 256) bytes
+    scales: torch.Tensor           # [tiles, cols / group, 16]
+    bias: torch.Tensor | None
+    rows: int
+    cols: int
+    bits: int
+    group: int
+    offset: int
+
+    def matmul(self, x: torch.Tensor, passes: int = 2, isa: str = "auto") -> torch.Tensor:
+        """x [M, cols] -> [M, rows] float32, with `passes` int8 activation passes (see qmatmul.cpp)."""
+        return extension().qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+                                   self.group, self.offset, passes, isa)
+
+    def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return extension().dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+                                           self.group, self.offset)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+
+def can_pack_for_cpu(qt: QuantizedTensor) -> bool:
+    return qt.cols % BLOCK == 0 and qt.codes.device.type == "cpu"
+
+
+def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
+    """Canonical rows -> 16-row tiles of 4-wide k quads (see qmatmul.cpp), a chunk of tiles at a time,
+    so the only transient is one chunk's unpacked codes, whatever the tensor's size."""
+    if not can_pack_for_cpu(qt):
+        raise ValueError(f"the CPU kernels need a CPU tensor with a multiple of {BLOCK} columns, got {qt.shape}")
+    rows, cols = qt.shape
+    tiles = -(-rows // TILE)
+    block_bytes = 512 if qt.bits == 8 else 256
+    codes = torch.empty(tiles, cols // BLOCK, block_bytes, dtype=torch.uint8)
+    for t0 in range(0, tiles, tiles_per_chunk):
+        t1 = min(t0 + tiles_per_chunk, tiles)
+        part = QuantizedTensor(qt.codes[t0 * TILE:t1 * TILE], qt.scales[t0 * TILE:t1 * TILE], None, qt.bits,
+                               qt.group, qt.offset)
+        q = part.unpacked_codes()
+        if q.shape[0] < (t1 - t0) * TILE:                     # the last tile, padded with zero rows
+            q = torch.cat([q, q.new_zeros((t1 - t0) * TILE - q.shape[0], cols)])
+        # [tiles, 16 rows, cols/4 quads, 4] -> [tiles, cols/32 blocks, 8 quads, 16 rows, 4]
+        q = q.view(t1 - t0, TILE, cols // BLOCK, 8, 4).permute(0, 2, 3, 1, 4)
+        if qt.bits == 4:   # quads 2c and 2c+1 share a 64-byte chunk: low and high nibbles
+            q = q.reshape(t1 - t0, cols // BLOCK, 4, 2, TILE * 4)
+            q = q[:, :, :, 0] | (q[:, :, :, 1] << 4)
+        codes[t0:t1] = q.reshape(t1 - t0, cols // BLOCK, block_bytes)
+
+    def tiled(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        pad = tiles * TILE - rows
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
+        return t.view(tiles, TILE, -1).transpose(1, 2).contiguous()     # [tiles, groups, 16]
+
+    return CPUPacked(codes.view(-1), tiled(qt.scales), tiled(qt.bias), rows, cols, qt.bits, qt.group, qt.offset)
+
+
+# ---- the reference ------------------------------------------------------------------------------
+
+def reference_quantize_activations(x: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (what the kernels multiply, float64 [M, K]; the last pass's step d [M, K/32]).
+    Per block of 32 and pass: d = amax(rest) / 127, q = round(rest * (1 / d)), rest -= q * d (fp32)."""
+    M, K = x.shape
+    rest = x.to(torch.float32).reshape(M, K // BLOCK, BLOCK).clone()
+    total = torch.zeros_like(rest, dtype=torch.float64)
+    for _ in range(passes):
+        d = rest.abs().amax(dim=-1, keepdim=True) / 127.0
+        q = torch.round(rest * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
+        total += q.double() * d.double()
+        rest = rest - q * d
+    return total.reshape(M, K), d.squeeze(-1)
+
+
+def reference_matmul(x: torch.Tensor, qt: QuantizedTensor, passes: int = 2,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' result, computed the plain way: quantized activations @ dequantized weight, float64.
+    `weight`: qt.dequantize(torch.float64), if the caller has it already."""
+    w = qt.dequantize(torch.float64) if weight is None else weight
+    return reference_quantize_activations(x, passes)[0] @ w.T
+
+
+def activation_error_bound(x: torch.Tensor, qt: QuantizedTensor, passes: int = 2,
+                           weight: torch.Tensor | None = None, abs_product: torch.Tensor | None = None) -> torch.Tensor:
+    """|kernel - x @ W^T| may be at most this, elementwise [M, N]. The last pass rounds each activation
+    to within half its block's step d (d = amax of what is left / 127), so the activations are off by
+    <= d / 2 (plus fp32 rounding of the residual, ~1e-7 amax), and the output by
+    sum_blocks d_b / 2 * sum_{k in b} |w[n, k]|; the fp32 accumulation adds at most ~1e-5 of
+    sum_k |x_k| |w[n, k]| for these lengths."""
+    M, K = x.shape
+    _, d = reference_quantize_activations(x, passes)                                    # [M, blocks]
+    amax = x.double().abs().reshape(M, K // BLOCK, BLOCK).amax(-1)
+    w = (qt.dequantize(torch.float64) if weight is None else weight).abs()               # [N, K]
+    per_block = w.reshape(w.shape[0], K // BLOCK, BLOCK).sum(-1)                       # [N, blocks]
+    if abs_product is None:
+        abs_product = x.double().abs() @ w.T                                            # sum_k |x_k| |w[n, k]|
+    return (d.double() / 2 + 1e-7 * amax) @ per_block.T + 1e-5 * abs_product + 1e-30
+
+
+# ---- the generic path ---------------------------------------------------------------------------
+
+def dequantized_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """Any device: dequantize to the activation dtype, then the vendor GEMM (a per-call transient)."""
+    return F.linear(x, qt.dequantize(x.dtype))

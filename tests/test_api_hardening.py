@@ -1,0 +1,261 @@
+"""What a hostile or careless caller sends, against a real server (a tiny random Gemma 3 with the
+embedded model's tokenizer, so it steps in milliseconds): no request reaches another's, nothing a
+caller sends is a 5xx, and the engine cannot die or hang quietly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+from gemlora.api.app import ServerSettings, create_app
+from gemlora.api.auth import Auth
+from gemlora.config import EngineConfig
+from gemlora.engine.async_engine import AsyncEngine
+from gemlora.sampling import InvalidRequestError
+
+MODEL = "@cf/google/gemma-7b-it-lora"
+TOKENS = {"tok-alice": "alice", "tok-bob": "bob"}
+ALICE = {"authorization": "Bearer tok-alice"}
+BOB = {"authorization": "Bearer tok-bob"}
+
+
+@pytest.fixture
+def server(tiny_real_vocab, tmp_path, serving):
+    """server(**engine_config) -> (base URL, AsyncEngine)."""
+    engines = []
+
+    def make(**cfg):
+        engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_real_vocab), dtype="float32",
+                                                      kv_cache_memory_gb=0.1, **cfg), progress=False).start()
+        engines.append(engine)
+        app = create_app(engine, ServerSettings(model_names=(MODEL,), data_dir=tmp_path / "data"), Auth(TOKENS))
+        return serving(app), engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+def run_url(base, account="alice"):
+    return f"{base}/client/v4/accounts/{account}/ai/run/{MODEL}"
+
+
+def wait_idle(engine, seconds=10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not engine.engine.has_work() and engine.stats().kv_blocks_used == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_two_callers_sending_the_same_request_id_each_get_only_their_own_output(server):
+    base, engine = server()
+    same = {"cf-ai-req-id": "shared-id-0001"}
+    bodies = {"alice": {"prompt": "The capital of France is", "raw": True, "stream": True, "max_tokens": 40,
+                        "temperature": 0},
+              "bob": {"prompt": "Rain falls on the", "raw": True, "stream": True, "max_tokens": 40, "temperature": 0}}
+    headers = {"alice": {**ALICE, **same}, "bob": {**BOB, **same}}
+
+    async def one(client, who):
+        async with client.stream("POST", run_url(base, who), json=bodies[who], headers=headers[who]) as r:
+            assert r.status_code == 200
+            assert r.headers["cf-ai-req-id"] != "shared-id-0001" and r.headers["x-client-request-id"] == "shared-id-0001"
+            events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        return "".join(e["response"] for e in events), events[-1]["usage"]["completion_tokens"]
+
+    async def both():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.wait_for(asyncio.gather(one(client, "alice"), one(client, "bob")), 60)
+
+    together = asyncio.run(both())
+    alone = {who: httpx.post(run_url(base, who), headers=headers[who], timeout=60,
+                             json={**bodies[who], "stream": False}).json()["result"] for who in ("alice", "bob")}
+    for (text, n), who in zip(together, ("alice", "bob")):
+        assert n == alone[who]["usage"]["completion_tokens"] == 40      # every token its own, none of the other's
+        assert text == alone[who]["response"]
+    assert wait_idle(engine)
+
+
+@pytest.mark.parametrize("route", ["workers_ai", "openai"])
+def test_a_lone_surrogate_anywhere_is_a_400_in_the_dialects_envelope(server, route):
+    base, _ = server()
+    for where in ("messages", "stop"):
+        if route == "workers_ai":
+            url = run_url(base)
+            body = '{"messages": [{"role": "user", "content": "hi \\udfff"}], "max_tokens": 2}' if where == "messages" \
+                else '{"prompt": "hi", "stop": ["\\ud800"], "max_tokens": 2}'
+        else:
+            url = f"{base}/v1/chat/completions"
+            body = ('{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}' % MODEL
+                    if where == "messages" else
+                    '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}' % MODEL)
+        r = httpx.post(url, content=body, headers={**ALICE, "content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400, r.text
+        if route == "workers_ai":
+            err = r.json()["errors"][0]
+            assert err["code"] == 5006 and "surrogate" in err["message"] and f"/{where}" in err["message"]
+        else:
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and "surrogate" in err["message"]
+            assert err["param"].startswith(where)
+    name = httpx.post(f"{base}/client/v4/accounts/alice/ai/finetunes", headers=ALICE,
+                      content='{"model": "%s", "name": "a\\udfffb"}' % MODEL)
+    assert name.status_code == 400 and name.json()["errors"][0]["code"] == 5006
+    ok = httpx.post(run_url(base), json={"prompt": "hi", "max_tokens": 2}, headers=ALICE, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_a_non_ascii_authorization_header_is_a_401_in_the_envelope(server):
+    base, _ = server()
+    for token in ("Bearer t\xe9st".encode("latin-1"), "Bearer ünïcode".encode("utf-8"), b"Bearer \xff\xfe"):
+        r = httpx.post(run_url(base), json={"prompt": "hi"}, headers={"authorization": token}, timeout=30)
+        assert r.status_code == 401 and r.json()["errors"][0] == {"code": 10000, "message": "Authentication error"}
+        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers={"authorization": token})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_a_long_generation_aborts_it(server, stream):
+    base, engine = server()
+    body = {"prompt": "Count:", "raw": True, "max_tokens": 20000, "temperature": 0.7, "stream": stream}
+    if stream:                            # read a few events, then hang up
+        with httpx.stream("POST", run_url(base), json=body, headers=ALICE, timeout=30) as r:
+            lines = r.iter_lines()
+            assert [next(lines) for _ in range(6)][0].startswith("data: ")
+    else:                                 # nothing arrives before the end: give up after a second
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(run_url(base), json=body, headers=ALICE, timeout=httpx.Timeout(1.0))
+    left = time.monotonic()
+    assert wait_idle(engine, 10), "the generation kept running after its client left"
+    assert time.monotonic() - left < 10
+    assert httpx.post(run_url(base), json={"prompt": "hi", "max_tokens": 2}, headers=ALICE).status_code == 200
+
+
+def test_stop_is_honoured_and_output_changing_fields_are_refused_on_ai_run(server):
+    base, _ = server()
+    free = httpx.post(run_url(base), headers=ALICE, timeout=30,
+                      json={"prompt": "One two three", "raw": True, "max_tokens": 30, "temperature": 0}).json()
+    text = free["result"]["response"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = httpx.post(run_url(base), headers=ALICE, timeout=30,
+                     json={"prompt": "One two three", "raw": True, "max_tokens": 30, "temperature": 0, "stop": [stop]})
+    assert cut.status_code == 200 and cut.json()["result"]["response"] == text[:text.index(stop)]
+    for field, value in (("response_format", {"type": "json_object"}),
+                         ("response_format", {"type": "json_schema", "json_schema": {"type": "object"}}),
+                         ("guided_json", {"type": "object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+                         ("functions", [{"name": "f", "code": "x"}]),
+                         ("stop", [""]), ("stop", 5)):
+        r = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", field: value})
+        assert r.status_code == 400, (field, r.text)
+        err = r.json()["errors"][0]
+        assert err["code"] == 5006 and f"'/{field}'" in err["message"], err
+    plain = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", "max_tokens": 2,
+                                                           "response_format": {"type": "text"}, "tools": []})
+    assert plain.status_code == 200
+
+
+def test_reject_if_busy_is_a_429_only_when_requests_queue(server):
+    base, engine = server(max_num_seqs=1)
+    idle = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", "max_tokens": 2,
+                                                          "options": {"rejectIfBusy": True}})
+    assert idle.status_code == 200
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            long = [asyncio.ensure_future(client.post(run_url(base), headers=ALICE, json={"prompt": "x", "max_tokens": 150}))
+                    for _ in range(2)]
+            for _ in range(200):                          # one runs, one waits
+                if engine.stats().waiting:
+                    break
+                await asyncio.sleep(0.01)
+            busy = await client.post(run_url(base), headers=ALICE,
+                                     json={"prompt": "hi", "max_tokens": 2, "options": {"rejectIfBusy": True}})
+            await asyncio.gather(*long)
+            return busy
+
+    busy = asyncio.run(main())
+    assert busy.status_code == 429 and busy.json()["errors"][0]["code"] == 3040
+
+
+def test_a_refusal_raised_inside_the_engine_is_a_400_not_a_500(server, monkeypatch):
+    base, engine = server()
+
+    def refuse(*args, **kwargs):
+        raise InvalidRequestError("refused on the engine thread", "prompt")
+
+    monkeypatch.setattr(engine.engine, "add_request", refuse)
+    r = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == 5006
+    assert "refused on the engine thread" in r.json()["errors"][0]["message"]
+    r = httpx.post(f"{base}/v1/completions", headers=ALICE, json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_health_tells_whether_the_engine_loop_runs(server):
+    base, engine = server()
+    ok = httpx.get(f"{base}/health")
+    assert ok.status_code == 200 and ok.json()["status"] == "ok"
+
+    class Fatal(BaseException):     # past every guard in the loop, as a bug in the loop itself would be
+        pass
+
+    def die():
+        raise Fatal("injected")
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            engine.engine.has_work = die           # the next loop iteration raises outside every step guard
+            pending = client.post(run_url(base), headers=ALICE, json={"prompt": "hi", "max_tokens": 5})
+            return await asyncio.wait_for(pending, 20)       # must not hang
+
+    r = asyncio.run(main())
+    assert r.status_code == 503 and r.json()["errors"][0]["code"] == 3000
+    dead = httpx.get(f"{base}/health")
+    assert dead.status_code == 503 and dead.json()["status"] == "unavailable" and "Fatal" in dead.json()["engine"]
+    again = httpx.post(f"{base}/v1/completions", headers=ALICE, json={"model": MODEL, "prompt": "hi"})
+    assert again.status_code == 503 and again.json()["error"]["type"] == "api_error"
+    assert "gemlora_engine_up 0.0" in httpx.get(f"{base}/metrics").text
+
+
+def test_every_serve_option_reads_its_environment_variable(tiny_real_vocab, tmp_path):
+    port = free_port()
+    env = {**os.environ, "GEMLORA_MODEL": str(tiny_real_vocab), "GEMLORA_PORT": str(port),
+           "GEMLORA_DATA_DIR": str(tmp_path / "from-env"), "GEMLORA_ALIAS": f"{MODEL} other-name",
+           "GEMLORA_DTYPE": "float32", "GEMLORA_KV_CACHE_MEMORY_GB": "0.05", "GEMLORA_MAX_NUM_SEQS": "3",
+           "GEMLORA_LOG_LEVEL": "warning", "GEMLORA_API_TOKENS": "tok:acct"}
+    proc = subprocess.Popen([sys.executable, "-m", "gemlora.cli", "serve"], env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("gemlora serve did not come up on GEMLORA_PORT")
+        r = httpx.post(f"{base}/client/v4/accounts/acct/ai/run/other-name", headers={"authorization": "Bearer tok"},
+                       json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        assert (tmp_path / "from-env").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out = subprocess.run([sys.executable, "-m", "gemlora.cli", "serve", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    import re
+    options = set(re.findall(r"--([a-z][a-z-]+)", out.stdout)) - {"help", "no-allow-anonymous-public"}
+    envs = set(re.findall(r"GEMLORA_([A-Z_]+)", out.stdout)) - {"API_TOKENS"}
+    assert {o.replace("-", "_").upper() for o in options} == envs
