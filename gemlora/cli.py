@@ -5,7 +5,9 @@ GGUF file into the cached checkpoint folder ahead of time. Thin: it only wires o
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -164,17 +166,37 @@ def serve(
                               attention_workspace_gb=attention_workspace_gb)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    engine = AsyncEngine.from_config(config).start()
+    engine = AsyncEngine.from_config(config)
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
     settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
                               max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
                               max_adapter_file_bytes=max_adapter_mb * 2**20, public_adapters_dir=public_adapters_dir)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings, auth), host=host, port=port,
+                                           log_level=log_level, timeout_graceful_shutdown=30))
+    # The engine runs on this (the main) thread and HTTP on another: torch is ~1.6x slower when its
+    # parallel regions start from a secondary thread. Signals still land here and stop the server,
+    # whose shutdown (after in-flight requests finish) stops the engine.
+    def stop(signum, frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    http = threading.Thread(target=_serve_http, args=(server, engine), name="gemlora-http")
+    http.start()
+    typer.echo(f"serving {', '.join(settings.model_names)} on http://{host}:{port}", err=True)
+    engine.run()
+    http.join()
+    if not server.started:
+        raise typer.Exit(1)       # it never listened (e.g. the port is taken): uvicorn said why
+
+
+def _serve_http(server, engine) -> None:
     try:
-        app_ = create_app(engine, settings, auth)
-        typer.echo(f"serving {', '.join(settings.model_names)} on http://{host}:{port}", err=True)
-        uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+        server.run()
     finally:
-        engine.shutdown()
+        engine.shutdown()         # however the server ended, the engine ends with it
 
 
 @app.command()

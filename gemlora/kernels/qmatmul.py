@@ -82,11 +82,11 @@ class CPUPacked:
 
     def matmul(self, x: torch.Tensor, passes: int = 2, isa: str = "auto") -> torch.Tensor:
         """x [M, cols] -> [M, rows] float32, with `passes` int8 activation passes (see qmatmul.cpp)."""
-        return extension().qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
-                                   self.group, self.offset, passes, isa)
+        return _ext.qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+                            self.group, self.offset, passes, isa)
 
     def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return extension().dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+        return _ext.dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
                                            self.group, self.offset)
 
     @property
@@ -100,7 +100,10 @@ def can_pack_for_cpu(qt: QuantizedTensor) -> bool:
 
 def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
     """Canonical rows -> 16-row tiles of 4-wide k quads (see qmatmul.cpp), a chunk of tiles at a time,
-    so the only transient is one chunk's unpacked codes, whatever the tensor's size."""
+    so the only transient is one chunk's unpacked codes, whatever the tensor's size. Needs the
+    extension (a packed weight is only ever multiplied by it)."""
+    if extension() is None:
+        raise RuntimeError("the CPU kernels are not available here")
     if not can_pack_for_cpu(qt):
         raise ValueError(f"the CPU kernels need a CPU tensor with a multiple of {BLOCK} columns, got {qt.shape}")
     rows, cols = qt.shape

@@ -51,6 +51,12 @@ struct Activations {
   const float* dp(int64_t p) const { return d + p * m * (k / 32); }
 };
 
+// d * (sum of the quantized activations) over weight group hg of 32-block b (all passes)
+inline float group_sum(const Activations& a, int64_t m, int64_t b, int64_t hg, int64_t group) {
+  const float* s = a.s16 + m * (a.k / 16) + 2 * b;
+  return group == 16 ? s[hg] : s[0] + s[1];
+}
+
 inline float load_scalar(const void* p, bool half, int64_t i) {
   if (half) return c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i]);
   return static_cast<const float*>(p)[i];
@@ -119,8 +125,7 @@ void matmul_scalar(const Weights& w, const Activations& a, float* y, int64_t t0,
             const int64_t gi = (t * G + b * per_block + h) * kTile + row;
             const float s = load_scalar(w.scales, w.half, gi);
             const float bias = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
-            float xsum = 0.f;   // dx * sum of xq over this group
-            for (int64_t q16 = 0; q16 < w.group / 16; ++q16) xsum += a.s16[m * (w.k / 16) + (b * kBlock + h * w.group) / 16 + q16];
+            const float xsum = group_sum(a, m, b, h, w.group);
             acc[row] += s * dots + (bias - static_cast<float>(w.offset) * s) * xsum;
           }
         }
@@ -154,33 +159,46 @@ inline __m256i dot4_s8(__m256i w_u8, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws)), _mm256_set1_epi16(1));
 }
 
-template <int MB, int BITS, int PASSES>
+template <int MB, int BITS, int PASSES, int GROUP>
 __attribute__((target("avx2,fma,f16c")))
 void tile_avx2(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) {
-  const int64_t kb = w.k / kBlock, G = w.groups(), per_block = kBlock / w.group;
+  // every loop bound a constant: the accumulator arrays below then live in registers
+  constexpr int per_block = kBlock / GROUP, kQuads = GROUP / 4;
+  const int64_t kb = w.k / kBlock, G = w.groups();
   // 8-bit codes are dotted as (q - 128): fold the 128 back in through the sum term
   const float off = static_cast<float>(w.offset - (BITS == 8 ? 128 : 0));
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block();
-    __m256i wq[8][2];   // quad j, rows 0-7 / 8-15
-    if (BITS == 8) {
-      for (int j = 0; j < 8; ++j) {
-        wq[j][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + j * 64));
-        wq[j][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + j * 64 + 32));
-      }
-    } else {
-      const __m256i lo = _mm256_set1_epi8(0x0F);
-      for (int c = 0; c < 4; ++c) {
-        for (int h = 0; h < 2; ++h) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
-          wq[2 * c][h] = _mm256_and_si256(v, lo);
-          wq[2 * c + 1][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);
+    const int32_t* xq4[PASSES][MB];
+    for (int p = 0; p < PASSES; ++p)
+      for (int m = 0; m < MB; ++m) xq4[p][m] = reinterpret_cast<const int32_t*>(a.qp(p) + (m0 + m) * a.k + b * kBlock);
+    for (int hg = 0; hg < per_block; ++hg) {
+      __m256i isum[PASSES][MB][2];
+      for (int p = 0; p < PASSES; ++p)
+        for (int m = 0; m < MB; ++m) isum[p][m][0] = isum[p][m][1] = _mm256_setzero_si256();
+      // quad by quad, every row and pass: independent accumulation chains, so they overlap
+      for (int jj = 0; jj < kQuads; ++jj) {
+        const int j = hg * kQuads + jj;
+        __m256i wq[2];
+        if (BITS == 8) {
+          wq[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + j * 64));
+          wq[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + j * 64 + 32));
+        } else {
+          const __m256i lo = _mm256_set1_epi8(0x0F);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (j / 2) * 64 + h * 32));
+            wq[h] = j % 2 == 0 ? _mm256_and_si256(v, lo) : _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);
+          }
         }
+        for (int p = 0; p < PASSES; ++p)
+          for (int m = 0; m < MB; ++m) {
+            const __m256i xb = _mm256_set1_epi32(xq4[p][m][j]);
+            for (int h = 0; h < 2; ++h)
+              isum[p][m][h] = _mm256_add_epi32(isum[p][m][h], BITS == 8 ? dot4_s8(wq[h], xb) : dot4_u4(wq[h], xb));
+          }
       }
-    }
-    for (int64_t hg = 0; hg < per_block; ++hg) {
       const int64_t gi = (t * G + b * per_block + hg) * kTile;
       __m256 s[2], beff[2];
       for (int h = 0; h < 2; ++h) {
@@ -188,25 +206,13 @@ void tile_avx2(const Weights& w, const Activations& a, float* y, int64_t t, int6
         const __m256 bias = w.bias ? load8(w.bias, w.half, gi + 8 * h) : _mm256_setzero_ps();
         beff[h] = _mm256_fnmadd_ps(_mm256_set1_ps(off), s[h], bias);
       }
-      const int q0 = static_cast<int>(hg * w.group / 4), q1 = static_cast<int>((hg + 1) * w.group / 4);
       for (int m = 0; m < MB; ++m) {
-        __m256 dots[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int p = 0; p < PASSES; ++p) {
-          const int32_t* xq4 = reinterpret_cast<const int32_t*>(a.qp(p) + (m0 + m) * a.k + b * kBlock);
-          __m256i isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-          for (int j = q0; j < q1; ++j) {
-            const __m256i xb = _mm256_set1_epi32(xq4[j]);
-            for (int h = 0; h < 2; ++h)
-              isum[h] = _mm256_add_epi32(isum[h], BITS == 8 ? dot4_s8(wq[j][h], xb) : dot4_u4(wq[j][h], xb));
-          }
-          const __m256 dx = _mm256_set1_ps(a.dp(p)[(m0 + m) * kb + b]);
-          for (int h = 0; h < 2; ++h) dots[h] = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(isum[h]), dots[h]);
-        }
-        float xs = 0.f;
-        for (int64_t q16 = 0; q16 < w.group / 16; ++q16) xs += a.s16[(m0 + m) * (w.k / 16) + (b * kBlock + hg * w.group) / 16 + q16];
-        const __m256 xsum = _mm256_set1_ps(xs);
+        const __m256 xsum = _mm256_set1_ps(group_sum(a, m0 + m, b, hg, GROUP));
         for (int h = 0; h < 2; ++h) {
-          acc[m][h] = _mm256_fmadd_ps(s[h], dots[h], acc[m][h]);
+          __m256 dots = _mm256_setzero_ps();
+          for (int p = 0; p < PASSES; ++p)
+            dots = _mm256_fmadd_ps(_mm256_set1_ps(a.dp(p)[(m0 + m) * kb + b]), _mm256_cvtepi32_ps(isum[p][m][h]), dots);
+          acc[m][h] = _mm256_fmadd_ps(s[h], dots, acc[m][h]);
           acc[m][h] = _mm256_fmadd_ps(beff[h], xsum, acc[m][h]);
         }
       }
@@ -230,10 +236,14 @@ VNNI_TARGET inline __m512 load16(const void* p, bool half, int64_t i) {
   return _mm512_loadu_ps(static_cast<const float*>(p) + i);
 }
 
-template <int MB, int BITS, int PASSES>
+template <int MB, int BITS, int PASSES, int GROUP>
 VNNI_TARGET void tile_vnni(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) {
-  const int64_t kb = w.k / kBlock, G = w.groups(), per_block = kBlock / w.group;
+  // every loop bound a constant: the accumulator arrays below then live in registers
+  constexpr int per_block = kBlock / GROUP, kQuads = GROUP / 4;
+  const int64_t kb = w.k / kBlock, G = w.groups();
   const float off = static_cast<float>(w.offset);
+  // one row and pass alone would be one chain of dependent dpbusd: split it in two to overlap them
+  constexpr int kChains = MB * PASSES >= 4 ? 1 : 2;
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
@@ -249,24 +259,35 @@ VNNI_TARGET void tile_vnni(const Weights& w, const Activations& a, float* y, int
         wq[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
       }
     }
-    for (int64_t hg = 0; hg < per_block; ++hg) {
+    const int32_t* xq4[PASSES][MB];
+    for (int p = 0; p < PASSES; ++p)
+      for (int m = 0; m < MB; ++m) xq4[p][m] = reinterpret_cast<const int32_t*>(a.qp(p) + (m0 + m) * a.k + b * kBlock);
+    for (int hg = 0; hg < per_block; ++hg) {
+      __m512i isum[PASSES][MB][kChains];
+      for (int p = 0; p < PASSES; ++p)
+        for (int m = 0; m < MB; ++m)
+          for (int c = 0; c < kChains; ++c) isum[p][m][c] = _mm512_setzero_si512();
+      // quad by quad, every row and pass: independent accumulation chains, so they overlap
+      for (int jj = 0; jj < kQuads; ++jj) {
+        const int j = hg * kQuads + jj;
+        for (int p = 0; p < PASSES; ++p)
+          for (int m = 0; m < MB; ++m)
+            isum[p][m][jj % kChains] = _mm512_dpbusd_epi32(isum[p][m][jj % kChains], wq[j],
+                                                           _mm512_set1_epi32(xq4[p][m][j]));
+      }
       const int64_t gi = (t * G + b * per_block + hg) * kTile;
       const __m512 s = load16(w.scales, w.half, gi);
       const __m512 bias = w.bias ? load16(w.bias, w.half, gi) : _mm512_setzero_ps();
       const __m512 beff = _mm512_fnmadd_ps(_mm512_set1_ps(off), s, bias);
-      const int q0 = static_cast<int>(hg * w.group / 4), q1 = static_cast<int>((hg + 1) * w.group / 4);
       for (int m = 0; m < MB; ++m) {
         __m512 dots = _mm512_setzero_ps();
         for (int p = 0; p < PASSES; ++p) {
-          const int32_t* xq4 = reinterpret_cast<const int32_t*>(a.qp(p) + (m0 + m) * a.k + b * kBlock);
-          __m512i isum = _mm512_setzero_si512();
-          for (int j = q0; j < q1; ++j) isum = _mm512_dpbusd_epi32(isum, wq[j], _mm512_set1_epi32(xq4[j]));
-          dots = _mm512_fmadd_ps(_mm512_set1_ps(a.dp(p)[(m0 + m) * kb + b]), _mm512_cvtepi32_ps(isum), dots);
+          __m512i total = isum[p][m][0];
+          if (kChains == 2) total = _mm512_add_epi32(total, isum[p][m][kChains - 1]);
+          dots = _mm512_fmadd_ps(_mm512_set1_ps(a.dp(p)[(m0 + m) * kb + b]), _mm512_cvtepi32_ps(total), dots);
         }
-        float xs = 0.f;
-        for (int64_t q16 = 0; q16 < w.group / 16; ++q16) xs += a.s16[(m0 + m) * (w.k / 16) + (b * kBlock + hg * w.group) / 16 + q16];
         acc[m] = _mm512_fmadd_ps(s, dots, acc[m]);
-        acc[m] = _mm512_fmadd_ps(beff, _mm512_set1_ps(xs), acc[m]);
+        acc[m] = _mm512_fmadd_ps(beff, _mm512_set1_ps(group_sum(a, m0 + m, b, hg, GROUP)), acc[m]);
       }
     }
   }
@@ -292,24 +313,39 @@ Isa best_isa() {
   return isa;
 }
 
-template <int MB, int BITS, int PASSES>
-struct Vnni { static void run(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) { tile_vnni<MB, BITS, PASSES>(w, a, y, t, m0); } };
-template <int MB, int BITS, int PASSES>
-struct Avx2 { static void run(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) { tile_avx2<MB, BITS, PASSES>(w, a, y, t, m0); } };
+template <int MB, int BITS, int PASSES, int GROUP>
+struct Vnni { static void run(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) { tile_vnni<MB, BITS, PASSES, GROUP>(w, a, y, t, m0); } };
+template <int MB, int BITS, int PASSES, int GROUP>
+struct Avx2 { static void run(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) { tile_avx2<MB, BITS, PASSES, GROUP>(w, a, y, t, m0); } };
 
-template <template <int, int, int> class K, int BITS, int PASSES>
-void run_tiles(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t t1) {
-  constexpr int kMaxRows = 4;   // activation rows sharing one pass over a weight tile
+// MAX: activation rows sharing one pass over a weight tile (what the ISA's registers hold)
+template <template <int, int, int, int> class K, int BITS, int PASSES, int GROUP, int MAX>
+void run_rows(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + kMaxRows <= a.m; m += kMaxRows) K<kMaxRows, BITS, PASSES>::run(w, a, y, t, m);
+    for (; m + MAX <= a.m; m += MAX) K<MAX, BITS, PASSES, GROUP>::run(w, a, y, t, m);
     switch (a.m - m) {
-      case 3: K<3, BITS, PASSES>::run(w, a, y, t, m); break;
-      case 2: K<2, BITS, PASSES>::run(w, a, y, t, m); break;
-      case 1: K<1, BITS, PASSES>::run(w, a, y, t, m); break;
+      case 3: K<3, BITS, PASSES, GROUP>::run(w, a, y, t, m); break;
+      case 2: K<2, BITS, PASSES, GROUP>::run(w, a, y, t, m); break;
+      case 1: K<1, BITS, PASSES, GROUP>::run(w, a, y, t, m); break;
       default: break;
     }
   }
+}
+
+// The format's compile-time parameters, picked once per call.
+template <template <int, int, int, int> class K, int MAX1, int MAX2>
+void run_tiles(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t t1) {
+  const bool two = a.passes == 2, g16 = w.group == 16;
+#define GEMLORA_ROWS(B, P, G, M) run_rows<K, B, P, G, M>(w, a, y, t0, t1)
+  if (w.bits == 8) {
+    if (two) g16 ? GEMLORA_ROWS(8, 2, 16, MAX2) : GEMLORA_ROWS(8, 2, 32, MAX2);
+    else g16 ? GEMLORA_ROWS(8, 1, 16, MAX1) : GEMLORA_ROWS(8, 1, 32, MAX1);
+  } else {
+    if (two) g16 ? GEMLORA_ROWS(4, 2, 16, MAX2) : GEMLORA_ROWS(4, 2, 32, MAX2);
+    else g16 ? GEMLORA_ROWS(4, 1, 16, MAX1) : GEMLORA_ROWS(4, 1, 32, MAX1);
+  }
+#undef GEMLORA_ROWS
 }
 
 void run(const Weights& w, const Activations& a, float* y, Isa isa) {
@@ -317,13 +353,10 @@ void run(const Weights& w, const Activations& a, float* y, Isa isa) {
   // enough tiles per task that threads do not contend, few enough that both cores stay busy
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, tiles / (4 * at::get_num_threads())));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    const bool two = a.passes == 2;
     if (isa == Isa::kAvx512Vnni) {
-      if (w.bits == 8) two ? run_tiles<Vnni, 8, 2>(w, a, y, t0, t1) : run_tiles<Vnni, 8, 1>(w, a, y, t0, t1);
-      else two ? run_tiles<Vnni, 4, 2>(w, a, y, t0, t1) : run_tiles<Vnni, 4, 1>(w, a, y, t0, t1);
-    } else if (isa == Isa::kAvx2) {
-      if (w.bits == 8) two ? run_tiles<Avx2, 8, 2>(w, a, y, t0, t1) : run_tiles<Avx2, 8, 1>(w, a, y, t0, t1);
-      else two ? run_tiles<Avx2, 4, 2>(w, a, y, t0, t1) : run_tiles<Avx2, 4, 1>(w, a, y, t0, t1);
+      run_tiles<Vnni, 4, 4>(w, a, y, t0, t1);
+    } else if (isa == Isa::kAvx2) {   // 16 ymm registers: fewer rows at once
+      run_tiles<Avx2, 3, 2>(w, a, y, t0, t1);
     } else {
       matmul_scalar(w, a, y, t0, t1);
     }
