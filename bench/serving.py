@@ -104,7 +104,9 @@ async def drive(base: str, model: str, texts: list[str], concurrency: int, new_t
                 loras: list | None) -> Result:
     res = Result()
     url = f"{base}/v1/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # a fresh connection per request: llama-server (cpp-httplib) closes a keep-alive connection after a
+    # few requests, and httpx does not retry a POST on a connection the server has closed
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         bodies = []
         for i, text in enumerate(texts):

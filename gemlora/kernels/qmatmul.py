@@ -9,63 +9,22 @@ packing of a device-independent QuantizedTensor into what each device's path rea
   canonical form and dequantized per call in the activation dtype, then multiplied by the vendor
   GEMM (cuBLAS). Correct everywhere, fast where the GEMM is.
 
-The extension is built from source on first use with torch.utils.cpp_extension (about a minute)
-into ~/.cache/gemlora/kernels, keyed by the source and torch version, so later starts load it at
-once. With no compiler it warns once and every weight takes the dequantize path. Knows the format
-and the devices; nothing of models, layers or files.
+The extension is built on first use (gemlora.kernels.build); with no compiler every weight takes
+the dequantize path. Knows the format and the devices; nothing of models, layers or files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gemlora.kernels.build import extension
 from gemlora.quant.tensor import QuantizedTensor
-
-log = logging.getLogger("gemlora.kernels")
 
 TILE = 16          # weight rows per kernel tile
 BLOCK = 32         # activation quantization block along K
-_SOURCE = Path(__file__).parent / "cpu" / "qmatmul.cpp"
-_lock = threading.Lock()
-_ext = None
-_tried = False
-
-
-def extension():
-    """The compiled CPU kernels, or None when they cannot be built here (warned once)."""
-    global _ext, _tried
-    with _lock:
-        if _tried:
-            return _ext
-        _tried = True
-        if os.environ.get("GEMLORA_NO_KERNELS"):
-            log.warning("GEMLORA_NO_KERNELS is set: quantized weights are dequantized per call (slow)")
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-            source = _SOURCE.read_bytes()
-            digest = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
-            cache = Path(os.environ.get("GEMLORA_CACHE", "~/.cache/gemlora")).expanduser() / "kernels" / digest
-            cache.mkdir(parents=True, exist_ok=True)
-            # -ffp-contract=off: the scalar dequantization must round like the reference (no fused a*b+c)
-            _ext = load(name=f"gemlora_qmatmul_{digest}", sources=[str(_SOURCE)], build_directory=str(cache),
-                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                        verbose=False)
-            log.info("quantized matmul kernels loaded (%s path)", _ext.cpu_isa())
-        except Exception as exc:   # no compiler, no headers, a build error: stay correct, just slower
-            log.warning("could not build the quantized matmul kernels (%s); quantized weights are dequantized "
-                        "per call instead, which is much slower. Install a C++ compiler (g++) for the fast path.",
-                        str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-            _ext = None
-        return _ext
 
 
 @dataclass(frozen=True)
@@ -82,11 +41,11 @@ class CPUPacked:
 
     def matmul(self, x: torch.Tensor, passes: int = 2, isa: str = "auto") -> torch.Tensor:
         """x [M, cols] -> [M, rows] float32, with `passes` int8 activation passes (see qmatmul.cpp)."""
-        return _ext.qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+        return extension().qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
                             self.group, self.offset, passes, isa)
 
     def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return _ext.dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+        return extension().dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
                                            self.group, self.offset)
 
     @property

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemlora.kernels.rmsnorm import rms_norm
 from gemlora.model.config import RopeSpec
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class RMSNorm(nn.Module):
         if self._scale is None or self._scale[0] != version or self._scale[1].device != self.weight.device:
             # 1 + w once per weight version rather than on every call (2 of the ~10 ops of a decode norm)
             self._scale = (version, 1.0 + self.weight.detach().float())
-        return F.rms_norm(x.float(), (x.shape[-1],), self._scale[1], self.eps).type_as(x)
+        return rms_norm(x, self._scale[1], self.eps).type_as(x)
 
 
 class Linear(nn.Module):

@@ -18,7 +18,8 @@
 // trick for 8-bit codes so int16 sums never saturate), and a scalar one. All give the same integer
 // dot products; only the order of the float accumulation differs.
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -393,7 +394,7 @@ Weights make_weights(const torch::Tensor& packed, const torch::Tensor& scales, c
 }  // namespace
 
 // x: [M, K] float32 -> [M, N] float32
-std::vector<torch::Tensor> quantize(const torch::Tensor& x, int64_t passes) {
+static std::vector<torch::Tensor> quantize(const torch::Tensor& x, int64_t passes) {
   const int64_t m = x.size(0), k = x.size(1);
   auto opts = x.options();
   torch::Tensor q = torch::empty({passes, m, k}, opts.dtype(torch::kChar));
@@ -462,14 +463,4 @@ std::string cpu_isa() {
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
-}
-
-// The kernels run without the GIL, as torch's own ops do: a server's asyncio thread keeps serving
-// while the engine thread multiplies (holding it would stall that thread for a whole LM head).
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
-  m.def("quantize_activations", &quantize_activations, "int8 activations in blocks of 32", release());
-  m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
-  m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
 }

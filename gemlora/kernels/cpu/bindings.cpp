@@ -1,0 +1,13 @@
+// The Python module of the CPU kernels. They run without the GIL, as torch's own ops do: a server's
+// asyncio thread keeps serving while the engine thread multiplies.
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
+  m.def("quantize_activations", &quantize_activations, "int8 activations in blocks of 32", release());
+  m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
+  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows", release());
+  m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
+}
