@@ -248,9 +248,21 @@ def main() -> None:
             ctx = 32 * (300 + args.new_tokens)
             proc, base = start_llama(binary, Path(gguf), lora_ggufs, args.threads, ctx)
             try:
-                wait_ready(base, proc)
+                try:
+                    wait_ready(base, proc)
+                except RuntimeError as exc:
+                    if not lora_ggufs:
+                        raise
+                    # seen on AMX Xeons: llama-server segfaults loading LoRAs (its AMX buffer type
+                    # refuses them); measure it without adapters rather than lose the whole run
+                    print(f"llama-server failed with {len(lora_ggufs)} LoRAs ({exc}); rerunning it without")
+                    proc, base = start_llama(binary, Path(gguf), [], args.threads, ctx)
+                    levels_llama = [(c, w) for c, w in levels if not w]
+                    wait_ready(base, proc)
+                else:
+                    levels_llama = levels
                 asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))
-                for c, with_lora in levels:
+                for c, with_lora in levels_llama:
                     loras = ([{"lora": [{"id": j, "scale": 1.0 if j == i else 0.0} for j in range(len(lora_ggufs))]}
                               for i in range(len(lora_ggufs))] if with_lora else None)
                     results["llama.cpp"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
