@@ -40,6 +40,7 @@ import llama_cpp  # noqa: E402
 WORDS = ("the a of river stone light orange seven quiet market winter engine paper garden silver morning "
          "valley clock bridge station letter window mountain harbour story music forest field road").split()
 ALIAS = "bench-model"
+HEADER = f"{'run':<34} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8}  (ms)"
 
 
 def free_port() -> int:
@@ -208,6 +209,10 @@ def row(label: str, res: Result) -> str:
             f"{ms(res.itl, 0.5):>8.1f} {ms(res.itl, 0.9):>8.1f}")
 
 
+def label(concurrency: int, with_lora: bool) -> str:
+    return f"{concurrency} concurrent" + (", 8 adapters" if with_lora else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF file (default: the embedded google/gemma-3-270m)")
@@ -233,6 +238,7 @@ def main() -> None:
         texts = {c: prompts(args.requests_per_level or max(4, 2 * c), seed=c) for c, _ in levels}
         results: dict[str, dict] = {"gemlora": {}, "llama.cpp": {}}
 
+        print(HEADER, flush=True)
         proc, base = start_gemlora(args.model, tmp / "adapters" if adapters else None, args.gemlora_arg,
                                    args.threads)
         try:
@@ -240,8 +246,9 @@ def main() -> None:
             asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))          # warm-up
             for c, with_lora in levels:
                 loras = [{"lora": a.name} for a in adapters] if with_lora else None
-                results["gemlora"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c, args.new_tokens,
-                                                                       loras))
+                res = results["gemlora"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
+                                                                             args.new_tokens, loras))
+                print(row(f"gemlora    {label(c, with_lora)}", res), flush=True)   # as it comes: runs are long
         finally:
             stop(proc)
         if binary is not None:
@@ -265,21 +272,21 @@ def main() -> None:
                 for c, with_lora in levels_llama:
                     loras = ([{"lora": [{"id": j, "scale": 1.0 if j == i else 0.0} for j in range(len(lora_ggufs))]}
                               for i in range(len(lora_ggufs))] if with_lora else None)
-                    results["llama.cpp"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
-                                                                             args.new_tokens, loras))
+                    res = results["llama.cpp"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
+                                                                                   args.new_tokens, loras))
+                    print(row(f"llama.cpp  {label(c, with_lora)}", res), flush=True)
             finally:
                 stop(proc)
 
         print(f"\nmodel {Path(gguf).name}, {args.new_tokens} new tokens per request, greedy, "
               f"{args.threads} threads; gemlora serve {' '.join(args.gemlora_arg) or '(defaults)'}")
-        print(f"{'run':<34} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8}  (ms)")
+        print(HEADER)
         for c, with_lora in levels:
-            label = f"{c} concurrent" + (", 8 adapters" if with_lora else "")
             g = results["gemlora"][(c, with_lora)]
-            print(row(f"gemlora    {label}", g))
+            print(row(f"gemlora    {label(c, with_lora)}", g))
             ll = results["llama.cpp"].get((c, with_lora))
             if ll is not None:
-                print(row(f"llama.cpp  {label}", ll))
+                print(row(f"llama.cpp  {label(c, with_lora)}", ll))
                 print(f"{'':<34} {g.tok_s / ll.tok_s:>7.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

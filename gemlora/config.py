@@ -8,6 +8,7 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+QUANT_ACTIVATIONS = ("auto", "int8", "int8x2", "int16")   # gemlora.kernels.qmatmul.ACTIVATIONS, or auto
 
 
 @dataclass(slots=True)
@@ -16,7 +17,7 @@ class EngineConfig:
     dtype: str = "auto"                   # auto: bfloat16 on CUDA and on CPUs with AMX, else float32
     device: str = "auto"                  # auto: cuda if available, else cpu
     quantization: str = "auto"            # none | gguf | int8 | int4; auto: the checkpoint's own (gguf for GGUF)
-    quant_activation_passes: int = 2      # int8 passes over the activations of quantized matmuls (1: llama.cpp's)
+    quant_activations: str = "auto"       # int8 (llama.cpp's) | int8x2 | int16; auto: the CPU's cheapest exact-enough
     kv_cache_memory_gb: float = 1.0       # memory budget for the KV cache
     kv_cache_dtype: str = "auto"          # auto: the activation dtype
     attention_workspace_gb: float | None = None  # one step's attention temporaries; None: KV / 4, >= 64 MiB
@@ -38,8 +39,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto or one of {sorted(_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quant_activation_passes not in (1, 2):
-            raise ValueError("quant_activation_passes must be 1 or 2")
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            raise ValueError(f"quant_activations must be one of {', '.join(QUANT_ACTIVATIONS)}, "
+                             f"got {self.quant_activations!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -163,7 +163,7 @@ def test_lora_adds_its_delta_on_a_quantized_base(tmp_path):
     with torch.no_grad():
         for rid, (which, prompt) in zip(ids, rows):
             want = refs[which][2](torch.tensor([prompt])).logits[0, -1]
-            # the int8 base's own activation quantization (two passes) is the only difference
+            # the int8 base's own activation quantization (int16, or int8 twice) is the only difference
             torch.testing.assert_close(got[rid], want, atol=2e-3, rtol=2e-3)
 
 

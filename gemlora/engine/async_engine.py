@@ -89,7 +89,7 @@ class AsyncEngine:
     def from_config(cls, config: EngineConfig, progress: bool = True) -> AsyncEngine:
         model_dir = resolve_model_dir(config.model, progress=progress)
         model = load_model(model_dir, config.torch_dtype, config.torch_device, progress=progress,
-                           quantization=config.quantization, activation_passes=config.quant_activation_passes)
+                           quantization=config.quantization, activations=config.quant_activations)
         tokenizer = Tokenizer.from_dir(model_dir)
         stop_ids = tokenizer.stop_token_ids | frozenset(model.cfg.eos_token_ids)
         engine = cls(LLMEngine(model, config, stop_ids), tokenizer, model_dir)

@@ -2,9 +2,11 @@
 packing of a device-independent QuantizedTensor into what each device's path reads.
 
 - CPU: `pack` lays the codes out in 16-row tiles for the kernels (AVX-512 VNNI, AVX2 or scalar,
-  chosen at run time by what the CPU has). The activations are quantized to int8 per block of 32
-  on every call, as llama.cpp does; `reference_matmul` does exactly that in plain torch, then
-  dequantizes the weight and multiplies in float64, and is what the tests compare the kernels to.
+  chosen at run time by what the CPU has). The activations are quantized per block of 32 on every
+  call, to int8 as llama.cpp does ("int8"), to int8 twice (the residual too: "int8x2") or to int16
+  ("int16"); `default_activations` picks the exact-enough form that is cheapest on this CPU.
+  `reference_matmul` quantizes the same way in plain torch, then dequantizes the weight and
+  multiplies in float64, and is what the tests compare the kernels to.
 - Anything else (CUDA, or a CPU where the extension cannot be built): the weight is kept in its
   canonical form and dequantized per call in the activation dtype, then multiplied by the vendor
   GEMM (cuBLAS). Correct everywhere, fast where the GEMM is.
@@ -25,6 +27,16 @@ from gemlora.quant.tensor import QuantizedTensor
 
 TILE = 16          # weight rows per kernel tile
 BLOCK = 32         # activation quantization block along K
+ACTIVATIONS = ("int8", "int8x2", "int16")
+_LEVELS = {"int8": (127.0, 1), "int8x2": (127.0, 2), "int16": (32767.0, 1)}   # (max code, passes)
+
+
+def default_activations() -> str:
+    """int8x2 where AVX-512 VNNI multiplies u8 x s8 at full rate, int16 elsewhere (AVX2's madd_epi16
+    does one int16 pass for the integer work of one int8 pass with the sign trick). Both keep
+    Gemma's greedy tokens (one int8 pass does not: its activations have outliers)."""
+    ext = extension()
+    return "int8x2" if ext is not None and ext.cpu_isa() == "avx512_vnni" else "int16"
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,10 @@ class CPUPacked:
     group: int
     offset: int
 
-    def matmul(self, x: torch.Tensor, passes: int = 2, isa: str = "auto") -> torch.Tensor:
-        """x [M, cols] -> [M, rows] float32, with `passes` int8 activation passes (see qmatmul.cpp)."""
+    def matmul(self, x: torch.Tensor, activations: str = "int8x2", isa: str = "auto") -> torch.Tensor:
+        """x [M, cols] -> [M, rows] float32, x quantized as `activations` (see qmatmul.cpp)."""
         return extension().qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
-                            self.group, self.offset, passes, isa)
+                                   self.group, self.offset, activations, isa)
 
     def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return extension().dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
@@ -96,37 +108,39 @@ def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
 
 # ---- the reference ------------------------------------------------------------------------------
 
-def reference_quantize_activations(x: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_quantize_activations(x: torch.Tensor, activations: str = "int8x2") -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (what the kernels multiply, float64 [M, K]; the last pass's step d [M, K/32]).
-    Per block of 32 and pass: d = amax(rest) / 127, q = round(rest * (1 / d)), rest -= q * d (fp32)."""
+    Per block of 32 and pass: d = amax(rest) / L, q = round(rest * (1 / d)), rest -= q * d (fp32),
+    L = 127 (int8) or 32767 (int16)."""
+    levels, passes = _LEVELS[activations]
     M, K = x.shape
     rest = x.to(torch.float32).reshape(M, K // BLOCK, BLOCK).clone()
     total = torch.zeros_like(rest, dtype=torch.float64)
     for _ in range(passes):
-        d = rest.abs().amax(dim=-1, keepdim=True) / 127.0
+        d = rest.abs().amax(dim=-1, keepdim=True) / levels
         q = torch.round(rest * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
         total += q.double() * d.double()
         rest = rest - q * d
     return total.reshape(M, K), d.squeeze(-1)
 
 
-def reference_matmul(x: torch.Tensor, qt: QuantizedTensor, passes: int = 2,
+def reference_matmul(x: torch.Tensor, qt: QuantizedTensor, activations: str = "int8x2",
                      weight: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels' result, computed the plain way: quantized activations @ dequantized weight, float64.
     `weight`: qt.dequantize(torch.float64), if the caller has it already."""
     w = qt.dequantize(torch.float64) if weight is None else weight
-    return reference_quantize_activations(x, passes)[0] @ w.T
+    return reference_quantize_activations(x, activations)[0] @ w.T
 
 
-def activation_error_bound(x: torch.Tensor, qt: QuantizedTensor, passes: int = 2,
+def activation_error_bound(x: torch.Tensor, qt: QuantizedTensor, activations: str = "int8x2",
                            weight: torch.Tensor | None = None, abs_product: torch.Tensor | None = None) -> torch.Tensor:
     """|kernel - x @ W^T| may be at most this, elementwise [M, N]. The last pass rounds each activation
-    to within half its block's step d (d = amax of what is left / 127), so the activations are off by
+    to within half its block's step d (d = amax of what is left / 127 or 32767), so the activations are off by
     <= d / 2 (plus fp32 rounding of the residual, ~1e-7 amax), and the output by
     sum_blocks d_b / 2 * sum_{k in b} |w[n, k]|; the fp32 accumulation adds at most ~1e-5 of
     sum_k |x_k| |w[n, k]| for these lengths."""
     M, K = x.shape
-    _, d = reference_quantize_activations(x, passes)                                    # [M, blocks]
+    _, d = reference_quantize_activations(x, activations)                                  # [M, blocks]
     amax = x.double().abs().reshape(M, K // BLOCK, BLOCK).amax(-1)
     w = (qt.dequantize(torch.float64) if weight is None else weight).abs()               # [N, K]
     per_block = w.reshape(w.shape[0], K // BLOCK, BLOCK).sum(-1)                       # [N, blocks]

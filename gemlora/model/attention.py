@@ -1,4 +1,5 @@
-"""Paged attention over a block KV cache, in plain torch (runs on CPU and CUDA alike).
+"""Paged attention over a block KV cache, in plain torch (runs on CPU and CUDA alike), with decode rows
+on the CPU taken by the C++ kernel of gemlora.kernels.decode_attention where it applies.
 
 Owns `AttentionMetadata` (built once per step from flat per-sequence lengths and block tables, then
 shared by every layer) and `paged_attention`, which writes the step's new K/V into the cache by
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from gemlora.kernels.decode_attention import decode_attention, kernel_applies
 
 if TYPE_CHECKING:
     from gemlora.model.config import GemmaConfig
@@ -311,6 +314,8 @@ def _attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     R, H, D = q.shape
     KVH = k_cache.shape[2]
     L = rows.mask.shape[-1]
+    if kernel_applies(q, k_cache):    # reads keys in place: no gather, no SDPA mask
+        return decode_attention(q, k_cache, v_cache, rows.blocks, rows.mask.view(R, L), scale, softcap)
     keys = k_cache.index_select(0, rows.blocks).view(R, L, KVH, D).permute(0, 2, 1, 3).to(q.dtype)  # [R, KVH, L, D]
     values = v_cache.index_select(0, rows.blocks).view(R, L, KVH, D).permute(0, 2, 1, 3).to(q.dtype)
     out = _attend(q.view(R, KVH, H // KVH, D), keys, values, rows.mask, scale, softcap)  # [R, KVH, G, D]

@@ -20,7 +20,7 @@ from torch import nn
 
 from gemlora.model.attention import AttentionMetadata, paged_attention
 from gemlora.model.config import GemmaConfig
-from gemlora.model.layers import Linear, RMSNorm, Rotary, apply_rotary, gelu_tanh
+from gemlora.model.layers import Linear, RMSNorm, Rotary, gelu_tanh, norm_and_rotate
 
 if TYPE_CHECKING:
     from gemlora.lora.batch import LoRABatch
@@ -55,10 +55,9 @@ class GemmaAttention(nn.Module):
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.cos_sin[self.sliding]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = norm_and_rotate(q, self.q_norm if cfg.qk_norm else None, cos, sin)
+        k = norm_and_rotate(k, self.k_norm if cfg.qk_norm else None, cos, sin)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, scale=cfg.attn_scale,
                               sliding=self.sliding, softcap=cfg.attn_logit_softcap)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemlora.kernels.rmsnorm import rms_norm
+from gemlora.kernels.rope import norm_rope
 from gemlora.model.config import RopeSpec
 
 if TYPE_CHECKING:
@@ -30,12 +31,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self._scale: tuple[int, torch.Tensor] | None = None     # (weight version, 1 + weight in float32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self) -> torch.Tensor:
+        """1 + weight in float32, computed once per weight version (2 of the ~10 ops of a decode norm)."""
         version = self.weight._version
         if self._scale is None or self._scale[0] != version or self._scale[1].device != self.weight.device:
-            # 1 + w once per weight version rather than on every call (2 of the ~10 ops of a decode norm)
             self._scale = (version, 1.0 + self.weight.detach().float())
-        return rms_norm(x, self._scale[1], self.eps).type_as(x)
+        return self._scale[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale(), self.eps).type_as(x)
 
 
 class Linear(nn.Module):
@@ -77,11 +81,12 @@ class Rotary:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def norm_and_rotate(x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, head_dim] after `norm` (Gemma 3's QK-norm) if given: one fused
+    call on the CPU (gemlora.kernels.rope)."""
+    if norm is None:
+        return norm_rope(x, None, 0.0, cos, sin)
+    return norm_rope(x, norm.scale(), norm.eps, cos, sin).type_as(x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

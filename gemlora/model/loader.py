@@ -46,9 +46,9 @@ def load_config(path: Path) -> GemmaConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               progress: bool = False, quantization: str = "none", activation_passes: int = 2) -> GemmaForCausalLM:
+               progress: bool = False, quantization: str = "none", activations: str = "auto") -> GemmaForCausalLM:
     """`quantization` "auto" keeps the checkpoint's own types: "gguf" if it stores quantized weights,
-    else "none". `activation_passes`: int8 passes of the quantized kernels (see gemlora.kernels)."""
+    else "none". `activations`: how the quantized kernels quantize activations (gemlora.kernels.qmatmul)."""
     if quantization not in QUANTIZATIONS + ("auto",):
         raise ValueError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     path = Path(path)
@@ -104,7 +104,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                 if len(parts) == max(1, len(part_sizes.get(pname, ()))) or part is None:
                     # complete: pack it for its device now, so one canonical copy at most is held
                     _install(model, linears, pname, quantized.pop(pname), part_sizes, device,
-                             activation_passes=activation_passes)
+                             activations=activations)
             elif pname in params:
                 tensor = get()
                 if isinstance(tensor, QuantizedTensor):
@@ -141,13 +141,13 @@ def _quantizable(linears: dict, cfg: GemmaConfig) -> list[str]:
 
 
 def _install(model: GemmaForCausalLM, linears: dict, pname: str, parts: dict, part_sizes: dict, device, *,
-             activation_passes: int) -> None:
+             activations: str) -> None:
     if pname == "embed_tokens":
         qt = parts[None]
         if qt.shape != (model.cfg.vocab_size, model.cfg.hidden_size):
             raise ValueError(f"the embedding has shape {qt.shape}, the model expects "
                              f"{(model.cfg.vocab_size, model.cfg.hidden_size)}")
-        model.set_quantized_embedding(QuantWeight([qt], device, activation_passes))
+        model.set_quantized_embedding(QuantWeight([qt], device, activations))
         return
     sizes = part_sizes[pname]
     order = [parts[None]] if None in parts else [parts[i] for i in range(len(sizes))]
@@ -156,7 +156,7 @@ def _install(model: GemmaForCausalLM, linears: dict, pname: str, parts: dict, pa
     if sum(qt.rows for qt in order) != sum(sizes) or order[0].cols != linears[pname].in_features:
         raise ValueError(f"{pname}: quantized weight of shape {sum(q.rows for q in order)} x {order[0].cols}, "
                          f"the model expects {sum(sizes)} x {linears[pname].in_features}")
-    linears[pname].set_quantized(QuantWeight(order, device, activation_passes))
+    linears[pname].set_quantized(QuantWeight(order, device, activations))
 
 
 def _quantized_entries(files: list[Path]) -> dict[str, dict]:

@@ -18,9 +18,11 @@ from gemlora.quant.tensor import QuantizedTensor, stack_rows
 
 
 class QuantWeight:
-    def __init__(self, parts: list[QuantizedTensor], device: torch.device | str = "cpu", activation_passes: int = 2):
+    def __init__(self, parts: list[QuantizedTensor], device: torch.device | str = "cpu", activations: str = "auto"):
         device = torch.device(device)
-        self.activation_passes = activation_passes
+        if activations != "auto" and activations not in kernels.ACTIVATIONS:
+            raise ValueError(f"activations must be auto or one of {', '.join(kernels.ACTIVATIONS)}, got {activations!r}")
+        self.activations = kernels.default_activations() if activations == "auto" else activations
         self.out_features = sum(p.rows for p in parts)
         self.in_features = parts[0].cols
         if any(p.cols != self.in_features for p in parts):
@@ -50,9 +52,9 @@ class QuantWeight:
         """x [T, in] in the activation dtype -> [T, out] in the same dtype."""
         if len(self._matrices) == 1:       # the common case, kept short: it runs ~70 times per decode step
             m = self._matrices[0]
-            y = m.matmul(x, self.activation_passes) if self._packed else kernels.dequantized_matmul(x, m)
+            y = m.matmul(x, self.activations) if self._packed else kernels.dequantized_matmul(x, m)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        outs = [m.matmul(x, self.activation_passes) if isinstance(m, kernels.CPUPacked)
+        outs = [m.matmul(x, self.activations) if isinstance(m, kernels.CPUPacked)
                 else kernels.dequantized_matmul(x, m) for m in self._matrices]
         return torch.cat(outs, dim=-1).to(x.dtype)
 

@@ -6,8 +6,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
-  m.def("quantize_activations", &quantize_activations, "int8 activations in blocks of 32", release());
+  m.def("quantize_activations", &quantize_activations, "int8 or int16 activations in blocks of 32", release());
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
+  m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", release());
+  m.def("norm_rope", &norm_rope, "rotary embedding after an optional per-head RMSNorm", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows", release());
   m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
 }

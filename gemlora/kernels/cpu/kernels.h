@@ -6,11 +6,11 @@
 #include <string>
 #include <vector>
 
-// qmatmul.cpp: quantized x @ W^T with int8 activations (one or two passes)
+// qmatmul.cpp: quantized x @ W^T with activations quantized as "int8", "int8x2" or "int16"
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits, int64_t group,
-                      int64_t offset, int64_t passes, const std::string& isa);
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t passes);
+                      int64_t offset, const std::string& activations, const std::string& isa);
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const std::string& activations);
 torch::Tensor dequantize_rows(const torch::Tensor& ids, const torch::Tensor& packed, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits,
                               int64_t group, int64_t offset);
@@ -18,3 +18,11 @@ std::string cpu_isa();
 
 // rmsnorm.cpp: y = x / sqrt(mean(x^2) + eps) * scale, float32 rows
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps);
+
+// attention.cpp: one query per row over a paged float32 KV cache (blocks, mask, soft-cap)
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& blocks, const torch::Tensor& mask, double scale, double softcap);
+
+// rope.cpp: rotate-half rotary embedding of float32 [T, heads, D], after an optional per-head RMSNorm
+torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tensor>& scale, double eps,
+                        const torch::Tensor& cos, const torch::Tensor& sin);

@@ -1,8 +1,11 @@
 // Quantized matmul on the CPU: y[M, N] = x[M, K] @ W[N, K]^T, W in 4- or 8-bit codes with per-group
-// scales, x quantized on the fly to int8 in blocks of 32 (one fp32 scale per block), as llama.cpp does;
-// with two passes, the residual x - dx * xq is quantized the same way and multiplied too, which makes
-// the activations about as exact as int16 for twice the integer work (Gemma's activations have large
-// outliers: one int8 pass changes 2-3% of greedy tokens of the 270M model, two passes 0.25%).
+// scales, x quantized on the fly in blocks of 32 (one fp32 scale per block), in one of three forms:
+//   int8    one int8 pass, as llama.cpp does;
+//   int8x2  two: the residual x - dx * xq is quantized the same way and multiplied too (about as exact
+//           as int16, for twice the integer work; what AVX-512 VNNI's u8 x s8 dpbusd does best);
+//   int16   one int16 pass (madd_epi16: AVX2's cheapest exact-enough form, no saturation games).
+// Gemma's activations have large outliers: one int8 pass changes 2-3% of the 270M model's greedy
+// tokens, int8x2 and int16 0.25% or less.
 //
 //   w[n, k] = (q[n, k] - offset) * s[n, g] + b[n, g]          g = k / group, group 16 or 32
 //   y[m, n] = sum_g  s[n, g] * sum_p dx_p[m, k/32] * sum_{k in g} q[n, k] * xq_p[m, k]
@@ -14,9 +17,10 @@
 // codes pack quads 2c (low nibbles) and 2c+1 (high nibbles) into one 64-byte chunk. Scales and
 // biases are [tiles, K / group, 16], fp16 or fp32.
 //
-// Paths, picked at run time by what the CPU has: AVX-512 VNNI, AVX2 (maddubs/madd, with the sign
-// trick for 8-bit codes so int16 sums never saturate), and a scalar one. All give the same integer
-// dot products; only the order of the float accumulation differs.
+// Paths, picked at run time by what the CPU has: AVX-512 VNNI, AVX2 (int8: maddubs/madd, with the
+// sign trick for 8-bit codes so int16 sums never saturate; int16: codes zero-extended, madd_epi16),
+// and a scalar one. All give the same integer dot products; only the order of the float accumulation
+// differs. int16 activations on a VNNI CPU run the AVX2 int16 path.
 
 #include "kernels.h"
 
@@ -27,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 
 namespace {
 
@@ -48,12 +53,28 @@ struct Activations {
   const float* d;           // [passes, M, K/32]   scale of each block
   const float* s16;         // [M, K/16]   sum over the passes of d * (sum of q over each 16 elements)
   int64_t m, k, passes;
-  const int8_t* qp(int64_t p) const { return q + p * m * k; }
-  const float* dp(int64_t p) const { return d + p * m * (k / 32); }
+  int64_t pass_rows;        // rows between one pass and the next (m, unless this is a slice of rows)
+  const int8_t* qp(int64_t p) const { return q + p * pass_rows * k; }
+  const float* dp(int64_t p) const { return d + p * pass_rows * (k / 32); }
+  Activations rows(int64_t m0, int64_t count) const {
+    return {q + m0 * k, d + m0 * (k / 32), s16 + m0 * (k / 16), count, k, passes, pass_rows};
+  }
+};
+
+// int16 activations: one pass
+struct Activations16 {
+  const int16_t* q;         // [M, K]
+  const float* d;           // [M, K/32]
+  const float* s16;         // [M, K/16]   d * (sum of q over each 16 elements)
+  int64_t m, k;
+  Activations16 rows(int64_t m0, int64_t count) const {
+    return {q + m0 * k, d + m0 * (k / 32), s16 + m0 * (k / 16), count, k};
+  }
 };
 
 // d * (sum of the quantized activations) over weight group hg of 32-block b (all passes)
-inline float group_sum(const Activations& a, int64_t m, int64_t b, int64_t hg, int64_t group) {
+template <class A>
+inline float group_sum(const A& a, int64_t m, int64_t b, int64_t hg, int64_t group) {
   const float* s = a.s16 + m * (a.k / 16) + 2 * b;
   return group == 16 ? s[hg] : s[0] + s[1];
 }
@@ -97,6 +118,30 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t passes, int8_t*
   });
 }
 
+void quantize_rows16(const float* x, int64_t m, int64_t k, int16_t* q, float* d, float* s16) {
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < k / kBlock; ++b) {
+        const float* xb = x + r * k + b * kBlock;
+        float amax = 0.f;
+        for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float scale = amax / 32767.f;
+        const float inv = scale > 0.f ? 1.f / scale : 0.f;
+        int16_t* qb = q + r * k + b * kBlock;
+        int isums[2] = {0, 0};
+        for (int i = 0; i < kBlock; ++i) {
+          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+          qb[i] = static_cast<int16_t>(v);
+          isums[i / 16] += v;
+        }
+        d[r * (k / kBlock) + b] = scale;
+        s16[r * (k / 16) + 2 * b] = scale * static_cast<float>(isums[0]);
+        s16[r * (k / 16) + 2 * b + 1] = scale * static_cast<float>(isums[1]);
+      }
+    }
+  });
+}
+
 // ---- scalar path (any x86-64; also the reference for the integer dot products) -----------------
 
 inline int code_at(const Weights& w, const uint8_t* blk, int row, int kk) {
@@ -128,6 +173,34 @@ void matmul_scalar(const Weights& w, const Activations& a, float* y, int64_t t0,
             const float bias = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
             const float xsum = group_sum(a, m, b, h, w.group);
             acc[row] += s * dots + (bias - static_cast<float>(w.offset) * s) * xsum;
+          }
+        }
+      }
+      for (int row = 0; row < kTile; ++row) {
+        const int64_t n = t * kTile + row;
+        if (n < w.n) y[m * w.n + n] = acc[row];
+      }
+    }
+  }
+}
+
+void matmul_scalar_a16(const Weights& w, const Activations16& a, float* y, int64_t t0, int64_t t1) {
+  const int64_t kb = w.k / kBlock, G = w.groups(), per_block = kBlock / w.group;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t m = 0; m < a.m; ++m) {
+      float acc[kTile] = {0};
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block();
+        const int16_t* xq = a.q + m * a.k + b * kBlock;
+        for (int row = 0; row < kTile; ++row) {
+          for (int64_t h = 0; h < per_block; ++h) {
+            int dot = 0;
+            for (int64_t kk = h * w.group; kk < (h + 1) * w.group; ++kk) dot += code_at(w, blk, row, kk) * xq[kk];
+            const int64_t gi = (t * G + b * per_block + h) * kTile + row;
+            const float s = load_scalar(w.scales, w.half, gi);
+            const float bias = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
+            const float dots = a.d[m * kb + b] * static_cast<float>(dot);
+            acc[row] += s * dots + (bias - static_cast<float>(w.offset) * s) * group_sum(a, m, b, h, w.group);
           }
         }
       }
@@ -225,6 +298,67 @@ void tile_avx2(const Weights& w, const Activations& a, float* y, int64_t t, int6
     _mm256_storeu_ps(out + 8, acc[m][1]);
     const int64_t n0 = t * kTile, cnt = std::min<int64_t>(kTile, w.n - n0);
     std::memcpy(y + (m0 + m) * w.n + n0, out, cnt * sizeof(float));
+  }
+}
+
+// int16 activations. A tile's two 8-row halves run one after the other (registers: 3 per row). Per
+// quad, the half's 32 code bytes (8 rows x 4 k) zero-extend in-lane to int16: unpacklo holds rows
+// 0, 1 | 4, 5 and unpackhi rows 2, 3 | 6, 7, 4 k each, so one broadcast of the quad's 4 activations
+// serves every row, madd_epi16 sums k pairs, and hadd_epi32 of the two at the group's end gives rows
+// 0..7 in order. |sum| <= 32 * 255 * 32767 < 2^31: no overflow, no saturation.
+template <int MB, int BITS, int GROUP>
+__attribute__((target("avx2,fma,f16c")))
+void tile_avx2_a16(const Weights& w, const Activations16& a, float* y, int64_t t, int64_t m0) {
+  constexpr int per_block = kBlock / GROUP, kQuads = GROUP / 4;
+  const int64_t kb = w.k / kBlock, G = w.groups();
+  const float off = static_cast<float>(w.offset);
+  const __m256i zero = _mm256_setzero_si256(), lo4 = _mm256_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n0 = t * kTile + 8 * h;
+    if (n0 >= w.n) break;
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block() + 32 * h;
+      const int64_t* x4[MB];      // a quad's 4 int16 activations as one 64-bit word
+      for (int m = 0; m < MB; ++m) x4[m] = reinterpret_cast<const int64_t*>(a.q + (m0 + m) * a.k + b * kBlock);
+      for (int hg = 0; hg < per_block; ++hg) {
+        __m256i lo[MB], hi[MB];
+        for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+        for (int jj = 0; jj < kQuads; ++jj) {
+          const int j = hg * kQuads + jj;
+          __m256i v;
+          if (BITS == 8) {
+            v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + j * 64));
+          } else {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (j / 2) * 64));
+            v = j % 2 == 0 ? _mm256_and_si256(raw, lo4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+          }
+          const __m256i wl = _mm256_unpacklo_epi8(v, zero), wh = _mm256_unpackhi_epi8(v, zero);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i xb = _mm256_set1_epi64x(x4[m][j]);
+            lo[m] = _mm256_add_epi32(lo[m], _mm256_madd_epi16(wl, xb));
+            hi[m] = _mm256_add_epi32(hi[m], _mm256_madd_epi16(wh, xb));
+          }
+        }
+        const int64_t gi = (t * G + b * per_block + hg) * kTile + 8 * h;
+        const __m256 s = load8(w.scales, w.half, gi);
+        const __m256 bias = w.bias ? load8(w.bias, w.half, gi) : _mm256_setzero_ps();
+        const __m256 beff = _mm256_fnmadd_ps(_mm256_set1_ps(off), s, bias);
+        for (int m = 0; m < MB; ++m) {
+          const __m256 dots = _mm256_mul_ps(_mm256_set1_ps(a.d[(m0 + m) * kb + b]),
+                                            _mm256_cvtepi32_ps(_mm256_hadd_epi32(lo[m], hi[m])));
+          acc[m] = _mm256_fmadd_ps(s, dots, acc[m]);
+          acc[m] = _mm256_fmadd_ps(beff, _mm256_set1_ps(group_sum(a, m0 + m, b, hg, GROUP)), acc[m]);
+        }
+      }
+    }
+    const int64_t cnt = std::min<int64_t>(8, w.n - n0);
+    for (int m = 0; m < MB; ++m) {
+      float out[8];
+      _mm256_storeu_ps(out, acc[m]);
+      std::memcpy(y + (m0 + m) * w.n + n0, out, cnt * sizeof(float));
+    }
   }
 }
 
@@ -349,11 +483,51 @@ void run_tiles(const Weights& w, const Activations& a, float* y, int64_t t0, int
 #undef GEMLORA_ROWS
 }
 
+template <int BITS, int GROUP>
+void rows_a16(const Weights& w, const Activations16& a, float* y, int64_t t0, int64_t t1) {
+  constexpr int kMax = 3;   // 3 registers per row, 16 in all
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + kMax <= a.m; m += kMax) tile_avx2_a16<kMax, BITS, GROUP>(w, a, y, t, m);
+    switch (a.m - m) {
+      case 2: tile_avx2_a16<2, BITS, GROUP>(w, a, y, t, m); break;
+      case 1: tile_avx2_a16<1, BITS, GROUP>(w, a, y, t, m); break;
+      default: break;
+    }
+  }
+}
+
+int64_t tile_grain(int64_t tiles) {
+  // enough tiles per task that threads do not contend, few enough that both cores stay busy
+  return std::max<int64_t>(1, std::min<int64_t>(64, tiles / (4 * at::get_num_threads())));
+}
+
+// Activation rows per sweep over the weight tiles: a prefill's thousands of rows, each re-read for
+// every tile, would stream from memory; slices of ~192 KB stay in L2 while the tiles pass over them
+// (each tile is then read once per slice). A multiple of 12, so each ISA's row groups are full.
+template <class A>
+void sweep_rows(const A& a, int64_t bytes_per_row, int64_t n, float* y, const std::function<void(const A&, float*)>& f) {
+  const int64_t step = std::max<int64_t>(12, (192 << 10) / std::max<int64_t>(bytes_per_row, 1) / 12 * 12);
+  if (a.m <= step) return f(a, y);
+  for (int64_t m0 = 0; m0 < a.m; m0 += step) f(a.rows(m0, std::min(step, a.m - m0)), y + m0 * n);
+}
+
+void run_a16(const Weights& w, const Activations16& a, float* y, Isa isa) {
+  const int64_t tiles = (w.n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t t0, int64_t t1) {
+    if (isa == Isa::kScalar) {
+      matmul_scalar_a16(w, a, y, t0, t1);
+    } else if (w.bits == 8) {
+      w.group == 16 ? rows_a16<8, 16>(w, a, y, t0, t1) : rows_a16<8, 32>(w, a, y, t0, t1);
+    } else {
+      w.group == 16 ? rows_a16<4, 16>(w, a, y, t0, t1) : rows_a16<4, 32>(w, a, y, t0, t1);
+    }
+  });
+}
+
 void run(const Weights& w, const Activations& a, float* y, Isa isa) {
   const int64_t tiles = (w.n + kTile - 1) / kTile;
-  // enough tiles per task that threads do not contend, few enough that both cores stay busy
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, tiles / (4 * at::get_num_threads())));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t t0, int64_t t1) {
     if (isa == Isa::kAvx512Vnni) {
       run_tiles<Vnni, 4, 4>(w, a, y, t0, t1);
     } else if (isa == Isa::kAvx2) {   // 16 ymm registers: fewer rows at once
@@ -393,38 +567,59 @@ Weights make_weights(const torch::Tensor& packed, const torch::Tensor& scales, c
 
 }  // namespace
 
-// x: [M, K] float32 -> [M, N] float32
+// "int8" -> 1 int8 pass, "int8x2" -> 2, "int16" -> 0 (one int16 pass)
+static int64_t int8_passes(const std::string& activations) {
+  if (activations == "int8") return 1;
+  if (activations == "int8x2") return 2;
+  TORCH_CHECK(activations == "int16", "activations must be int8, int8x2 or int16, got ", activations);
+  return 0;
+}
+
+// x: [M, K] float32 -> (q [P, M, K] int8 or [1, M, K] int16, d [P or 1, M, K/32], s16 [M, K/16])
 static std::vector<torch::Tensor> quantize(const torch::Tensor& x, int64_t passes) {
   const int64_t m = x.size(0), k = x.size(1);
   auto opts = x.options();
-  torch::Tensor q = torch::empty({passes, m, k}, opts.dtype(torch::kChar));
-  torch::Tensor d = torch::empty({passes, m, k / kBlock}, opts);
+  torch::Tensor q = torch::empty({std::max<int64_t>(passes, 1), m, k}, opts.dtype(passes ? torch::kChar : torch::kShort));
+  torch::Tensor d = torch::empty({std::max<int64_t>(passes, 1), m, k / kBlock}, opts);
   torch::Tensor s16 = torch::empty({m, k / 16}, opts);
-  if (m > 0) quantize_rows(x.data_ptr<float>(), m, k, passes, q.data_ptr<int8_t>(), d.data_ptr<float>(), s16.data_ptr<float>());
+  if (m == 0) return {q, d, s16};
+  if (passes) {
+    quantize_rows(x.data_ptr<float>(), m, k, passes, q.data_ptr<int8_t>(), d.data_ptr<float>(), s16.data_ptr<float>());
+  } else {
+    quantize_rows16(x.data_ptr<float>(), m, k, q.data_ptr<int16_t>(), d.data_ptr<float>(), s16.data_ptr<float>());
+  }
   return {q, d, s16};
 }
 
 torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits, int64_t group,
-                      int64_t offset, int64_t passes, const std::string& isa) {
+                      int64_t offset, const std::string& activations, const std::string& isa) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
-  TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2");
+  const int64_t passes = int8_passes(activations);
+  const Isa path = parse_isa(isa);
   const torch::Tensor x = x_in.to(torch::kFloat).contiguous();
   const Weights w = make_weights(packed, scales, bias, n, k, bits, group, offset);
   const int64_t m = x.size(0);
   torch::Tensor y = torch::empty({m, n}, x.options());
   if (m == 0) return y;
   const auto qa = quantize(x, passes);
-  const Activations a{qa[0].data_ptr<int8_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k, passes};
-  run(w, a, y.data_ptr<float>(), parse_isa(isa));
+  if (passes) {
+    const Activations a{qa[0].data_ptr<int8_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k, passes, m};
+    sweep_rows<Activations>(a, passes * k, n, y.data_ptr<float>(),
+                            [&](const Activations& part, float* yp) { run(w, part, yp, path); });
+  } else {
+    const Activations16 a{qa[0].data_ptr<int16_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k};
+    sweep_rows<Activations16>(a, 2 * k, n, y.data_ptr<float>(),
+                              [&](const Activations16& part, float* yp) { run_a16(w, part, yp, path); });
+  }
   return y;
 }
 
-// The activation quantization alone, for the tests: (q int8 [P,M,K], d [P,M,K/32], s16 [M,K/16]).
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in, int64_t passes) {
+// The activation quantization alone, for the tests: (q [P,M,K], d [P,M,K/32], s16 [M,K/16]).
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in, const std::string& activations) {
   const torch::Tensor x = x_in.to(torch::kFloat).contiguous();
   TORCH_CHECK(x.dim() == 2 && x.size(1) % kBlock == 0, "x must be [M, K] with K a multiple of 32");
-  return quantize(x, passes);
+  return quantize(x, int8_passes(activations));
 }
 
 // Rows `ids` of W, dequantized to float32: the embedding lookup of a quantized (tied) table.
