@@ -147,7 +147,7 @@ def _install(model: GemmaForCausalLM, linears: dict, pname: str, parts: dict, pa
         if qt.shape != (model.cfg.vocab_size, model.cfg.hidden_size):
             raise ValueError(f"the embedding has shape {qt.shape}, the model expects "
                              f"{(model.cfg.vocab_size, model.cfg.hidden_size)}")
-        model.set_quantized_embedding(QuantWeight([qt], device, activations))
+        model.set_quantized_embedding(QuantWeight([qt], device, activations, lm_head=model.cfg.tie_word_embeddings))
         return
     sizes = part_sizes[pname]
     order = [parts[None]] if None in parts else [parts[i] for i in range(len(sizes))]
@@ -156,7 +156,7 @@ def _install(model: GemmaForCausalLM, linears: dict, pname: str, parts: dict, pa
     if sum(qt.rows for qt in order) != sum(sizes) or order[0].cols != linears[pname].in_features:
         raise ValueError(f"{pname}: quantized weight of shape {sum(q.rows for q in order)} x {order[0].cols}, "
                          f"the model expects {sum(sizes)} x {linears[pname].in_features}")
-    linears[pname].set_quantized(QuantWeight(order, device, activations))
+    linears[pname].set_quantized(QuantWeight(order, device, activations, lm_head=pname == "lm_head.weight"))
 
 
 def _quantized_entries(files: list[Path]) -> dict[str, dict]:

@@ -18,11 +18,12 @@ from gemlora.quant.tensor import QuantizedTensor, stack_rows
 
 
 class QuantWeight:
-    def __init__(self, parts: list[QuantizedTensor], device: torch.device | str = "cpu", activations: str = "auto"):
+    def __init__(self, parts: list[QuantizedTensor], device: torch.device | str = "cpu", activations: str = "auto",
+                 lm_head: bool = False):
         device = torch.device(device)
         if activations != "auto" and activations not in kernels.ACTIVATIONS:
             raise ValueError(f"activations must be auto or one of {', '.join(kernels.ACTIVATIONS)}, got {activations!r}")
-        self.activations = kernels.default_activations() if activations == "auto" else activations
+        self.activations = kernels.default_activations(lm_head) if activations == "auto" else activations
         self.out_features = sum(p.rows for p in parts)
         self.in_features = parts[0].cols
         if any(p.cols != self.in_features for p in parts):
