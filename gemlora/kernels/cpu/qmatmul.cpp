@@ -31,7 +31,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 
 namespace {
 
@@ -502,39 +501,47 @@ int64_t tile_grain(int64_t tiles) {
   return std::max<int64_t>(1, std::min<int64_t>(64, tiles / (4 * at::get_num_threads())));
 }
 
-// Activation rows per sweep over the weight tiles: a prefill's thousands of rows, each re-read for
-// every tile, would stream from memory; slices of ~192 KB stay in L2 while the tiles pass over them
-// (each tile is then read once per slice). A multiple of 12, so each ISA's row groups are full.
-template <class A>
-void sweep_rows(const A& a, int64_t bytes_per_row, int64_t n, float* y, const std::function<void(const A&, float*)>& f) {
-  const int64_t step = std::max<int64_t>(12, (192 << 10) / std::max<int64_t>(bytes_per_row, 1) / 12 * 12);
-  if (a.m <= step) return f(a, y);
-  for (int64_t m0 = 0; m0 < a.m; m0 += step) f(a.rows(m0, std::min(step, a.m - m0)), y + m0 * n);
+// A thread's tiles against many activation rows (a prefill's thousands), blocked for the caches:
+// chunks of tiles of ~256 KB stay in L2 while slices of ~24 KB of activation rows, in L1, pass over
+// them, so each weight byte is read from memory once and each activation row once per chunk rather
+// than once per tile. A multiple of 12 rows per slice, so each ISA's row groups are full.
+template <class A, class F>
+void blocked(const Weights& w, const A& a, int64_t bytes_per_row, float* y, int64_t t0, int64_t t1, F&& tiles) {
+  const int64_t slice = std::max<int64_t>(12, (24 << 10) / std::max<int64_t>(bytes_per_row, 1) / 12 * 12);
+  if (a.m <= slice) return tiles(a, y, t0, t1);
+  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / ((w.k / kBlock) * w.tile_bytes_per_block()));
+  for (int64_t c0 = t0; c0 < t1; c0 += chunk)
+    for (int64_t m0 = 0; m0 < a.m; m0 += slice)
+      tiles(a.rows(m0, std::min(slice, a.m - m0)), y + m0 * w.n, c0, std::min(c0 + chunk, t1));
 }
 
 void run_a16(const Weights& w, const Activations16& a, float* y, Isa isa) {
   const int64_t tiles = (w.n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t t0, int64_t t1) {
-    if (isa == Isa::kScalar) {
-      matmul_scalar_a16(w, a, y, t0, t1);
-    } else if (w.bits == 8) {
-      w.group == 16 ? rows_a16<8, 16>(w, a, y, t0, t1) : rows_a16<8, 32>(w, a, y, t0, t1);
-    } else {
-      w.group == 16 ? rows_a16<4, 16>(w, a, y, t0, t1) : rows_a16<4, 32>(w, a, y, t0, t1);
-    }
+  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t begin, int64_t end) {
+    blocked(w, a, 2 * a.k, y, begin, end, [&](const Activations16& part, float* yp, int64_t t0, int64_t t1) {
+      if (isa == Isa::kScalar) {
+        matmul_scalar_a16(w, part, yp, t0, t1);
+      } else if (w.bits == 8) {
+        w.group == 16 ? rows_a16<8, 16>(w, part, yp, t0, t1) : rows_a16<8, 32>(w, part, yp, t0, t1);
+      } else {
+        w.group == 16 ? rows_a16<4, 16>(w, part, yp, t0, t1) : rows_a16<4, 32>(w, part, yp, t0, t1);
+      }
+    });
   });
 }
 
 void run(const Weights& w, const Activations& a, float* y, Isa isa) {
   const int64_t tiles = (w.n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t t0, int64_t t1) {
-    if (isa == Isa::kAvx512Vnni) {
-      run_tiles<Vnni, 4, 4>(w, a, y, t0, t1);
-    } else if (isa == Isa::kAvx2) {   // 16 ymm registers: fewer rows at once
-      run_tiles<Avx2, 3, 2>(w, a, y, t0, t1);
-    } else {
-      matmul_scalar(w, a, y, t0, t1);
-    }
+  at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t begin, int64_t end) {
+    blocked(w, a, a.passes * a.k, y, begin, end, [&](const Activations& part, float* yp, int64_t t0, int64_t t1) {
+      if (isa == Isa::kAvx512Vnni) {
+        run_tiles<Vnni, 4, 4>(w, part, yp, t0, t1);
+      } else if (isa == Isa::kAvx2) {   // 16 ymm registers: fewer rows at once
+        run_tiles<Avx2, 3, 2>(w, part, yp, t0, t1);
+      } else {
+        matmul_scalar(w, part, yp, t0, t1);
+      }
+    });
   });
 }
 
@@ -605,12 +612,10 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, co
   const auto qa = quantize(x, passes);
   if (passes) {
     const Activations a{qa[0].data_ptr<int8_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k, passes, m};
-    sweep_rows<Activations>(a, passes * k, n, y.data_ptr<float>(),
-                            [&](const Activations& part, float* yp) { run(w, part, yp, path); });
+    run(w, a, y.data_ptr<float>(), path);
   } else {
     const Activations16 a{qa[0].data_ptr<int16_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k};
-    sweep_rows<Activations16>(a, 2 * k, n, y.data_ptr<float>(),
-                              [&](const Activations16& part, float* yp) { run_a16(w, part, yp, path); });
+    run_a16(w, a, y.data_ptr<float>(), path);
   }
   return y;
 }
