@@ -9,7 +9,7 @@ convert_lora_to_gguf.py, loaded with --lora and picked per request), it prints t
 token and inter-token latency p50/p90, and gemlora's ratio to llama.cpp.
 
     python bench/serving.py                               # the embedded google/gemma-3-270m (Q4_K_M)
-    python bench/serving.py --model big.gguf --concurrency 1 --no-adapters
+    python bench/serving.py --model big.gguf --concurrency 1 --no-adapters --shape-vocab
     python bench/serving.py --gemlora-arg=--quantization=none   # any extra gemlora serve option
 
 llama-server is built once from the PyPI sdist (bench/llama_cpp.py: about 15 minutes on 2 cores) and
@@ -49,9 +49,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prompts(n: int, seed: int = 0) -> list[str]:
+def prompts(n: int, seed: int = 0, words: tuple[str, ...] = WORDS) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 160))) for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 160))) for _ in range(n)]
 
 
 @dataclass
@@ -102,7 +102,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, res: Result) -> N
 
 
 async def drive(base: str, model: str, texts: list[str], concurrency: int, new_tokens: int,
-                loras: list | None) -> Result:
+                loras: list | None, encode=None) -> Result:
     res = Result()
     url = f"{base}/v1/completions"
     # a fresh connection per request: llama-server (cpp-httplib) closes a keep-alive connection after a
@@ -111,7 +111,7 @@ async def drive(base: str, model: str, texts: list[str], concurrency: int, new_t
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         bodies = []
         for i, text in enumerate(texts):
-            body = {"model": model, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            body = {"model": model, "prompt": encode(text) if encode else text, "max_tokens": new_tokens, "temperature": 0, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             if loras is not None:
                 body.update(loras[i % len(loras)])
@@ -223,6 +223,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--gemlora-arg", action="append", default=[], help="extra `gemlora serve` argument")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--shape-vocab", action="store_true",
+                    help="prompts of the words w0 w1 ...: the vocabulary of tests/test_quant_7b.py's random GGUF; "
+                         "llama.cpp's tokenizer fails on it, so llama-server is sent the token ids gemlora "
+                         "makes of it (the same prompt for both: a decode-speed comparison)")
     args = ap.parse_args()
 
     from gemlora.model.source import embedded_gguf, resolve_model_dir
@@ -235,7 +239,12 @@ def main() -> None:
         lora_ggufs = [] if args.no_adapters or binary is None else [
             llama_cpp.convert_lora(a, model_dir, tmp / f"{a.name}.gguf") for a in adapters]
         levels = [(c, False) for c in args.concurrency] + ([] if args.no_adapters else [(32, True)])
-        texts = {c: prompts(args.requests_per_level or max(4, 2 * c), seed=c) for c, _ in levels}
+        words = tuple(f"w{i}" for i in range(1000)) if args.shape_vocab else WORDS
+        encode = None
+        if args.shape_vocab:
+            from gemlora.text.tokenizer import Tokenizer
+            encode = Tokenizer.from_dir(model_dir).encode
+        texts = {c: prompts(args.requests_per_level or max(4, 2 * c), seed=c, words=words) for c, _ in levels}
         results: dict[str, dict] = {"gemlora": {}, "llama.cpp": {}}
 
         print(HEADER, flush=True)
@@ -243,7 +252,7 @@ def main() -> None:
                                    args.threads)
         try:
             wait_ready(base, proc)
-            asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))          # warm-up
+            asyncio.run(drive(base, ALIAS, prompts(2, seed=99, words=words), 2, 8, None))          # warm-up
             for c, with_lora in levels:
                 loras = [{"lora": a.name} for a in adapters] if with_lora else None
                 res = results["gemlora"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
@@ -268,12 +277,12 @@ def main() -> None:
                     wait_ready(base, proc)
                 else:
                     levels_llama = levels
-                asyncio.run(drive(base, ALIAS, prompts(2, seed=99), 2, 8, None))
+                asyncio.run(drive(base, ALIAS, prompts(2, seed=99, words=words), 2, 8, None, encode))
                 for c, with_lora in levels_llama:
                     loras = ([{"lora": [{"id": j, "scale": 1.0 if j == i else 0.0} for j in range(len(lora_ggufs))]}
                               for i in range(len(lora_ggufs))] if with_lora else None)
                     res = results["llama.cpp"][(c, with_lora)] = asyncio.run(drive(base, ALIAS, texts[c], c,
-                                                                                   args.new_tokens, loras))
+                                                                                   args.new_tokens, loras, encode))
                     print(row(f"llama.cpp  {label(c, with_lora)}", res), flush=True)
             finally:
                 stop(proc)

@@ -23,7 +23,6 @@ class QuantWeight:
         device = torch.device(device)
         if activations != "auto" and activations not in kernels.ACTIVATIONS:
             raise ValueError(f"activations must be auto or one of {', '.join(kernels.ACTIVATIONS)}, got {activations!r}")
-        self.activations = kernels.default_activations(lm_head) if activations == "auto" else activations
         self.out_features = sum(p.rows for p in parts)
         self.in_features = parts[0].cols
         if any(p.cols != self.in_features for p in parts):
@@ -36,12 +35,15 @@ class QuantWeight:
                 runs.append([p])
         use_kernels = device.type == "cpu" and kernels.extension() is not None
         self._matrices = []
+        self.activations: list[str] = []     # how each matrix's kernel quantizes x (CPU kernels only)
         for run in runs:
             qt = stack_rows(run) if len(run) > 1 else run[0]
             if use_kernels and kernels.can_pack_for_cpu(qt):
                 self._matrices.append(kernels.pack(qt))
             else:
                 self._matrices.append(qt.to(device))
+            self.activations.append(kernels.default_activations(qt.bits, lm_head) if activations == "auto"
+                                    else activations)
         self.formats = [f"{p.bits}-bit/g{p.group}" for p in parts]
         self._packed = isinstance(self._matrices[0], kernels.CPUPacked)
 
@@ -53,10 +55,10 @@ class QuantWeight:
         """x [T, in] in the activation dtype -> [T, out] in the same dtype."""
         if len(self._matrices) == 1:       # the common case, kept short: it runs ~70 times per decode step
             m = self._matrices[0]
-            y = m.matmul(x, self.activations) if self._packed else kernels.dequantized_matmul(x, m)
+            y = m.matmul(x, self.activations[0]) if self._packed else kernels.dequantized_matmul(x, m)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        outs = [m.matmul(x, self.activations) if isinstance(m, kernels.CPUPacked)
-                else kernels.dequantized_matmul(x, m) for m in self._matrices]
+        outs = [m.matmul(x, acts) if isinstance(m, kernels.CPUPacked)
+                else kernels.dequantized_matmul(x, m) for m, acts in zip(self._matrices, self.activations)]
         return torch.cat(outs, dim=-1).to(x.dtype)
 
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
