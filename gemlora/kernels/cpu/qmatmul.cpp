@@ -66,6 +66,9 @@ struct Activations16 {
   const float* d;           // [M, K/32]
   const float* s16;         // [M, K/16]   d * (sum of q over each 16 elements)
   int64_t m, k;
+  static constexpr int64_t passes = 1;     // the interface of Activations, for the scalar path
+  const int16_t* qp(int64_t) const { return q; }
+  const float* dp(int64_t) const { return d; }
   Activations16 rows(int64_t m0, int64_t count) const {
     return {q + m0 * k, d + m0 * (k / 32), s16 + m0 * (k / 16), count, k};
   }
@@ -151,7 +154,8 @@ inline int code_at(const Weights& w, const uint8_t* blk, int row, int kk) {
   return quad % 2 == 0 ? (byte & 0x0F) : (byte >> 4);
 }
 
-void matmul_scalar(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t t1) {
+template <class A>   // Activations (int8, one or two passes) or Activations16
+void matmul_scalar(const Weights& w, const A& a, float* y, int64_t t0, int64_t t1) {
   const int64_t kb = w.k / kBlock, G = w.groups(), per_block = kBlock / w.group;
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t m = 0; m < a.m; ++m) {
@@ -162,7 +166,7 @@ void matmul_scalar(const Weights& w, const Activations& a, float* y, int64_t t0,
           for (int64_t h = 0; h < per_block; ++h) {
             float dots = 0.f;   // sum over passes of dx_p * integer dot
             for (int64_t p = 0; p < a.passes; ++p) {
-              const int8_t* xq = a.qp(p) + m * a.k + b * kBlock;
+              const auto* xq = a.qp(p) + m * a.k + b * kBlock;
               int dot = 0;
               for (int64_t kk = h * w.group; kk < (h + 1) * w.group; ++kk) dot += code_at(w, blk, row, kk) * xq[kk];
               dots += a.dp(p)[m * kb + b] * static_cast<float>(dot);
@@ -172,34 +176,6 @@ void matmul_scalar(const Weights& w, const Activations& a, float* y, int64_t t0,
             const float bias = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
             const float xsum = group_sum(a, m, b, h, w.group);
             acc[row] += s * dots + (bias - static_cast<float>(w.offset) * s) * xsum;
-          }
-        }
-      }
-      for (int row = 0; row < kTile; ++row) {
-        const int64_t n = t * kTile + row;
-        if (n < w.n) y[m * w.n + n] = acc[row];
-      }
-    }
-  }
-}
-
-void matmul_scalar_a16(const Weights& w, const Activations16& a, float* y, int64_t t0, int64_t t1) {
-  const int64_t kb = w.k / kBlock, G = w.groups(), per_block = kBlock / w.group;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t m = 0; m < a.m; ++m) {
-      float acc[kTile] = {0};
-      for (int64_t b = 0; b < kb; ++b) {
-        const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block();
-        const int16_t* xq = a.q + m * a.k + b * kBlock;
-        for (int row = 0; row < kTile; ++row) {
-          for (int64_t h = 0; h < per_block; ++h) {
-            int dot = 0;
-            for (int64_t kk = h * w.group; kk < (h + 1) * w.group; ++kk) dot += code_at(w, blk, row, kk) * xq[kk];
-            const int64_t gi = (t * G + b * per_block + h) * kTile + row;
-            const float s = load_scalar(w.scales, w.half, gi);
-            const float bias = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
-            const float dots = a.d[m * kb + b] * static_cast<float>(dot);
-            acc[row] += s * dots + (bias - static_cast<float>(w.offset) * s) * group_sum(a, m, b, h, w.group);
           }
         }
       }
@@ -520,7 +496,7 @@ void run_a16(const Weights& w, const Activations16& a, float* y, Isa isa) {
   at::parallel_for(0, tiles, tile_grain(tiles), [&](int64_t begin, int64_t end) {
     blocked(w, a, 2 * a.k, y, begin, end, [&](const Activations16& part, float* yp, int64_t t0, int64_t t1) {
       if (isa == Isa::kScalar) {
-        matmul_scalar_a16(w, part, yp, t0, t1);
+        matmul_scalar(w, part, yp, t0, t1);
       } else if (w.bits == 8) {
         w.group == 16 ? rows_a16<8, 16>(w, part, yp, t0, t1) : rows_a16<8, 32>(w, part, yp, t0, t1);
       } else {
