@@ -130,6 +130,9 @@ def serve(
                                                envvar=_env("max_num_batched_tokens")),
     max_model_len: Optional[int] = typer.Option(None, help="Context window; default: the model's, capped by "
                                                            "the KV budget", envvar=_env("max_model_len")),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        help="Reuse the KV cache of prompt prefixes seen before (same adapter)",
+                                        envvar=_env("prefix_caching")),
     dtype: str = typer.Option("auto", envvar=_env("dtype")), device: str = typer.Option("auto", envvar=_env("device")),
     quantization: str = typer.Option("auto", help=QUANT_HELP, envvar=_env("quantization")),
     kv_cache_dtype: str = typer.Option("auto", help=KV_DTYPE_HELP, envvar=_env("kv_cache_dtype")),
@@ -163,7 +166,7 @@ def serve(
                               max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                              attention_workspace_gb=attention_workspace_gb)
+                              attention_workspace_gb=attention_workspace_gb, enable_prefix_caching=prefix_caching)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     engine = AsyncEngine.from_config(config)

@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"          # auto: the activation dtype
     attention_workspace_gb: float | None = None  # one step's attention temporaries; None: KV / 4, >= 64 MiB
     block_size: int = 16                  # tokens per KV block
+    enable_prefix_caching: bool = True    # reuse the K/V of full blocks of a prefix seen before (same adapter)
     max_num_seqs: int = 64                # requests in one step at most
     max_num_batched_tokens: int = 2048    # tokens in one step at most (prefill chunks + decodes)
     max_model_len: int | None = None      # context window; default: the model's, capped by the KV budget

@@ -47,6 +47,9 @@ class Request:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0            # tokens whose K/V are in the cache
+        self.block_hashes: list[bytes] = []   # prefix-cache names of its full blocks, as far as computed
+        self.num_named_blocks = 0        # leading blocks of its table that the prefix cache knows by name
+        self.num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache when first admitted
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
         if (adapter_id is None) != (adapter is None):
@@ -88,5 +91,6 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0                    # prompt tokens whose K/V came from the prefix cache
     error: str | None = None                      # the engine failed while running it (not its fault)
     refusal: InvalidRequestError | None = None    # the engine refused it (the caller's fault)

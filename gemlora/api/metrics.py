@@ -1,6 +1,7 @@
 """Prometheus metrics of the server: requests by route and status, tokens, time to first token and
-per output token, queue length, KV blocks, resident adapters per tier, adapter loads. The engine's
-numbers are read by a collector when scraped, so the engine never calls in here."""
+per output token, queue length, KV blocks, prefix-cache lookups and hits, resident adapters per tier,
+adapter loads. The engine's numbers are read by a collector when scraped, so the engine never calls
+in here."""
 
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ class RequestRecord:
         if self.first is not None and last.completion_tokens > 1:
             self.metrics.tpot.observe((end - self.first) / (last.completion_tokens - 1))
         ttft = (self.first - self.start) if self.first is not None else float("nan")
-        log.info("generated request=%s account=%s adapter=%s prompt_tokens=%d completion_tokens=%d finish=%s "
-                 "ttft=%.3fs total=%.3fs", self.request_id, self.account, self.adapter or "-", last.prompt_tokens,
-                 last.completion_tokens, last.finish_reason.value if last.finished else "client-left", ttft,
-                 end - self.start)
+        log.info("generated request=%s account=%s adapter=%s prompt_tokens=%d cached_tokens=%d "
+                 "completion_tokens=%d finish=%s ttft=%.3fs total=%.3fs", self.request_id, self.account,
+                 self.adapter or "-", last.prompt_tokens, last.cached_tokens, last.completion_tokens,
+                 last.finish_reason.value if last.finished else "client-left", ttft, end - self.start)
 
 
 class _EngineCollector:
@@ -80,6 +81,8 @@ class _EngineCollector:
                                  ("gemlora_running_requests", "Requests running", stats.running),
                                  ("gemlora_kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
                                  ("gemlora_kv_blocks_free", "KV cache blocks free", stats.kv_blocks_free),
+                                 ("gemlora_prefix_cache_blocks", "KV cache blocks holding a reusable prefix",
+                                  stats.kv_blocks_cached),
                                  ("gemlora_engine_up", "1 while the engine loop runs and steps",
                                   int(self.engine.health().stepping))):
             yield GaugeMetricFamily(name, doc, value=value)
@@ -97,5 +100,9 @@ class _EngineCollector:
         for name, doc, value in (("gemlora_engine_steps", "Engine steps run", stats.steps),
                                  ("gemlora_engine_failed_steps", "Engine steps that raised (their batch failed)",
                                   stats.failed_steps),
-                                 ("gemlora_preemptions", "Requests preempted for KV blocks", stats.preemptions)):
+                                 ("gemlora_preemptions", "Requests preempted for KV blocks", stats.preemptions),
+                                 ("gemlora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  stats.prefix_cache_queries),
+                                 ("gemlora_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  stats.prefix_cache_hits)):
             yield CounterMetricFamily(name, doc, value=value)

@@ -19,7 +19,7 @@ from gemlora.api.disconnect import collect
 from gemlora.api.errors import ApiError
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
-from gemlora.api.streaming import DONE, sse, usage
+from gemlora.api.streaming import DONE, openai_usage, sse
 from gemlora.api.textgen import engine_failure
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
@@ -75,7 +75,8 @@ async def _complete(request: Request, chat: bool):
               else {"index": 0, "text": content, "logprobs": None})
     choice["finish_reason"] = _finish(last)
     return {"id": oid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+            "model": model, "choices": [choice],
+            "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)}
 
 
 async def _stream(chunks, record, oid, created, model, chat, include_usage):
@@ -99,7 +100,7 @@ async def _stream(chunks, record, oid, created, model, chat, include_usage):
         yield frame(None, _finish(last))
         if include_usage:
             yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
-                       "usage": usage(last.prompt_tokens, last.completion_tokens)})
+                       "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
     except EngineError as exc:   # the status line is sent: the error goes in the stream, as vLLM does
         yield sse(engine_failure(exc).openai_body())
     finally:

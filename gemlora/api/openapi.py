@@ -239,6 +239,11 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                                     "param": {"type": ["string", "null"]},
                                                     "code": {"type": ["string", "null"]}}}}},
         "Usage": usage,
+        "OpenAIUsage": {**usage, "required": [*usage["required"], "prompt_tokens_details"],
+                        "properties": {**usage["properties"], "prompt_tokens_details": {
+                            "type": "object", "required": ["cached_tokens"], "additionalProperties": False,
+                            "description": "cached_tokens: prompt tokens whose K/V came from the prefix cache.",
+                            "properties": {"cached_tokens": {"type": "integer", "minimum": 0}}}}},
         "RunPrompt": run_prompt,
         "RunMessages": run_messages,
         "RunRequest": {"description": "Exactly one of `prompt` / `messages` (a body with both is refused). Other "
@@ -313,7 +318,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                               "message": {"type": "object", "required": ["role", "content"],
                                                           "properties": {"role": {"const": "assistant"},
                                                                          "content": {"type": "string"}}}}}},
-                           "usage": _ref("schemas", "Usage")}},
+                           "usage": _ref("schemas", "OpenAIUsage")}},
         "TextCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
             "properties": {**chunk_common, "id": {"type": "string", "pattern": "^cmpl-"},
@@ -322,7 +327,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
                                "properties": {"index": {"const": 0}, "text": {"type": "string"},
                                               "logprobs": {"type": "null"}, "finish_reason": finish}}},
-                           "usage": _ref("schemas", "Usage")}},
+                           "usage": _ref("schemas", "OpenAIUsage")}},
         "ChatCompletionEvent": _openai_event({
             "type": "object", "required": ["id", "object", "created", "model", "choices"],
             "properties": {**chunk_common, "object": {"const": "chat.completion.chunk"},
@@ -333,7 +338,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                               "delta": {"type": "object", "additionalProperties": False,
                                                         "properties": {"role": {"const": "assistant"},
                                                                        "content": {"type": "string"}}}}}},
-                           "usage": _ref("schemas", "Usage")}}),
+                           "usage": _ref("schemas", "OpenAIUsage")}}),
         "TextCompletionEvent": _openai_event({
             "type": "object", "required": ["id", "object", "created", "model", "choices"],
             "properties": {**chunk_common, "object": {"const": "text_completion"},
@@ -342,7 +347,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                "properties": {"index": {"const": 0}, "text": {"type": "string"},
                                               "logprobs": {"type": "null"},
                                               "finish_reason": {"enum": [None, "stop", "length"]}}}},
-                           "usage": _ref("schemas", "Usage")}}),
+                           "usage": _ref("schemas", "OpenAIUsage")}}),
         "ModelList": {
             "type": "object", "required": ["object", "data"],
             "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
@@ -638,7 +643,7 @@ def _openai_operations() -> dict:
         '[{"index":0,"text":" was","logprobs":null,"finish_reason":null}]',
         '[{"index":0,"text":"","logprobs":null,"finish_reason":"length"}]')),
         text_chunk.replace(',"choices":%s}', ',"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,'
-                                             '"total_tokens":8}}'))
+                                             '"total_tokens":8,"prompt_tokens_details":{"cached_tokens":0}}}'))
     # Request examples are valid bodies (the refusals are shown as response examples only).
     common_requests = {
         "unknown-model": ({"model": "gpt-4"}, "An unknown model"),
@@ -670,7 +675,8 @@ def _openai_operations() -> dict:
                         "choices": [{"index": 0, "message": {"role": "assistant",
                                                              "content": "Say hi mendatanguser\nSay hi mendatang"},
                                      "finish_reason": "length"}],
-                        "usage": {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}},
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}},
                         "Chat, greedy (the base model follows chat turns poorly)")}},
                     _SSE: {"schema": _ref("schemas", "ChatCompletionEvent"),
                            "examples": {"stream": _ex(chat_stream, "Streamed")}}}),
@@ -690,7 +696,8 @@ def _openai_operations() -> dict:
                         "created": 1796169780, "model": _MODEL,
                         "choices": [{"index": 0, "text": ", there was a little girl named Lily. She was a very "
                                                          "smart girl,", "logprobs": None, "finish_reason": "length"}],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}},
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}},
                         "A completion, greedy")}},
                     _SSE: {"schema": _ref("schemas", "TextCompletionEvent"),
                            "examples": {"stream": _ex(text_stream, "Streamed, with usage")}}}),

@@ -56,6 +56,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0         # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +208,7 @@ class AsyncEngine:
                 if finished and not detok.stopped:
                     text += detok.flush()
                 yield GenerationChunk(text, out.new_token_ids, finished, reason,
-                                      out.num_prompt_tokens, out.num_output_tokens)
+                                      out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
         finally:
             self._streams.pop(request_id, None)
             if not finished:

@@ -42,6 +42,9 @@ class EngineStats:
     preemptions: int
     steps: int
     failed_steps: int
+    kv_blocks_cached: int          # blocks naming a prefix the cache can reuse (in use or free)
+    prefix_cache_queries: int      # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int         # ... and found there
 
 
 class LLMEngine:
@@ -50,7 +53,7 @@ class LLMEngine:
         self.model_config = model.cfg
         kv_dtype = config.kv_torch_dtype(model.dtype)
         num_blocks = blocks_for_budget(model.cfg, config.block_size, kv_dtype, int(config.kv_cache_memory_gb * 2**30))
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kv = allocate_kv_cache(model.cfg, num_blocks, config.block_size, kv_dtype, model.device)
         slots = None
         if config.max_loras:
@@ -108,7 +111,7 @@ class LLMEngine:
         s, slots = self.scheduler, self.lora_slots
         return EngineStats(len(s.waiting), len(s.running), self.blocks.num_used, self.blocks.num_free,
                            slots.resident if slots else 0, slots.loads if slots else 0, s.num_preemptions,
-                           s.num_steps, self.failed_steps)
+                           s.num_steps, self.failed_steps, self.blocks.num_cached, s.prefix_queries, s.prefix_hits)
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()

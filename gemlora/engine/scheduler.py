@@ -12,6 +12,12 @@ ahead. So that a cold adapter cannot starve behind hot ones that keep every slot
 that has waited `adapter_aging_steps` steps for a slot stops the admission of every later adapter
 request until a slot drains and it gets in (base-model requests still pass: they need no slot).
 
+Prefix caching: a request admitted from the queue first takes the longest run of its full blocks
+that the block manager has cached under the same hash chain (same tokens, same adapter and scale),
+and starts computing after them; at least one token is always left to compute, so a token can be
+sampled. As a request's blocks fill with computed K/V they are named in the cache, so later requests
+(and this one, resumed after preemption) find them.
+
 `postprocess` absorbs the sampled tokens, and `fail` ends the requests of a step that raised, so all
 request-state changes live here. Knows requests, block ids and adapter ids; nothing of tensors,
 slots or text.
@@ -22,7 +28,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from gemlora.cache.block_manager import BlockManager
+from gemlora.cache.block_manager import BlockHash, BlockManager, block_hash, prefix_root
 from gemlora.request import FinishReason, Request, RequestOutput, Status
 
 
@@ -54,6 +60,8 @@ class Scheduler:
         self.adapter_users: Counter[str] = Counter()   # running requests per adapter id
         self.num_preemptions = 0
         self.num_steps = 0
+        self.prefix_queries = 0      # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0         # ... and found there
         self._ids: set[str] = set()
 
     def add(self, req: Request) -> None:
@@ -97,10 +105,13 @@ class Scheduler:
                 starving = starving or self.num_steps - req.blocked_since >= self.adapter_aging_steps
                 passed_over.append(req)
                 continue
+            self._reuse_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
+                self._drop_blocks(req)
                 self.waiting.appendleft(req)
                 break
+            self._count_prefix_hits(req)
             req.status = Status.RUNNING
             req.blocked_since = None
             self.running.append(req)
@@ -118,6 +129,7 @@ class Scheduler:
         outputs = []
         for req, n, token in zip(batch.requests, batch.num_new_tokens, sampled):
             req.num_computed += n
+            self._name_computed_blocks(req)
             if token is None:
                 continue
             reason = req.append(token)
@@ -166,12 +178,51 @@ class Scheduler:
         req.block_table += self.blocks.allocate(need)
         return True
 
+    def _reuse_cached_prefix(self, req: Request) -> None:
+        if not self.blocks.enable_caching:
+            return
+        usable = (req.num_tokens - 1) // self.blocks.block_size    # leave at least one token to compute
+        hits = self.blocks.cached_prefix(self._block_hashes(req, usable))
+        self.blocks.share(hits)
+        req.block_table = hits
+        req.num_named_blocks = len(hits)
+        req.num_computed = len(hits) * self.blocks.block_size
+
+    def _count_prefix_hits(self, req: Request) -> None:
+        if not self.blocks.enable_caching:
+            return
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += req.num_computed
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed
+
+    def _name_computed_blocks(self, req: Request) -> None:
+        """Register in the prefix cache each block of req that has just filled with computed K/V."""
+        full = req.num_computed // self.blocks.block_size
+        if full <= req.num_named_blocks or not self.blocks.enable_caching:
+            return
+        for i, h in enumerate(self._block_hashes(req, full)[req.num_named_blocks:], req.num_named_blocks):
+            self.blocks.cache(req.block_table[i], h)
+        req.num_named_blocks = full
+
+    def _block_hashes(self, req: Request, num_blocks: int) -> list[BlockHash]:
+        """The hash chain of req's first num_blocks full blocks, extended as far as needed."""
+        hashes, size = req.block_hashes, self.blocks.block_size
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else prefix_root(req.adapter_id, req.lora_scale)
+            hashes.append(block_hash(parent, req.token_slice(i * size, size)))
+        return hashes[:num_blocks]
+
+    def _drop_blocks(self, req: Request) -> None:
+        """Give back req's blocks (computed ones stay cached) and forget what it had computed."""
+        self.blocks.free(req.block_table)
+        req.block_table = []
+        req.num_computed = req.num_named_blocks = 0
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._drop_adapter(req)
-        self.blocks.free(req.block_table)
-        req.block_table = []
-        req.num_computed = 0      # recomputed from prompt + output so far when resumed
+        self._drop_blocks(req)    # recomputed from prompt + output so far when resumed (cached blocks first)
         req.num_preemptions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)
@@ -184,8 +235,7 @@ class Scheduler:
             self._drop_adapter(req)
         self._ids.discard(req.request_id)
         if req.block_table:
-            self.blocks.free(req.block_table)
-            req.block_table = []
+            self._drop_blocks(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
 
@@ -198,4 +248,4 @@ class Scheduler:
     @staticmethod
     def _output(req: Request, tokens: list[int]) -> RequestOutput:
         return RequestOutput(req.request_id, tokens, req.status is Status.FINISHED, req.finish_reason,
-                             len(req.prompt_ids), len(req.output_ids))
+                             len(req.prompt_ids), len(req.output_ids), req.num_cached_tokens or 0)
