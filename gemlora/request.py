@@ -36,7 +36,8 @@ class Status(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  stop_token_ids: frozenset[int], max_model_len: int,
-                 adapter_id: str | None = None, adapter: LoRAAdapter | None = None, lora_scale: float = 1.0):
+                 adapter_id: str | None = None, adapter: LoRAAdapter | None = None, lora_scale: float = 1.0,
+                 cache_salt: str | None = None):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -47,6 +48,7 @@ class Request:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0            # tokens whose K/V are in the cache
+        self.cache_salt = cache_salt         # only requests with the same salt share cached prefixes
         self.block_hashes: list[bytes] = []   # prefix-cache names of its full blocks, as far as computed
         self.num_named_blocks = 0        # leading blocks of its table that the prefix cache knows by name
         self.num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache when first admitted

@@ -45,7 +45,8 @@ def chain(root, tokens, bs=BS):
 def test_a_hash_names_every_token_before_it_and_the_adapter():
     base, a, a_half, b = (prefix_root(None, 1.0), prefix_root("a", 1.0), prefix_root("a", 0.5),
                           prefix_root("b", 1.0))
-    assert len({base, a, a_half, b}) == 4
+    salted = (prefix_root(None, 1.0, "alice"), prefix_root(None, 1.0, "bob"), prefix_root("a", 1.0, "alice"))
+    assert len({base, a, a_half, b, *salted}) == 7
     assert prefix_root("a", 1.0) == a                                  # stable: a pure function
     x, y = chain(base, [1, 2, 3, 4, 5, 6, 7, 8]), chain(base, [9, 2, 3, 4, 5, 6, 7, 8])
     assert x[1] != y[1]                  # same tokens in block 2, different history: different names

@@ -1,7 +1,8 @@
 """A soak: 200 requests from 4 accounts (their own adapters and none, both dialects, streamed or not,
 some clients leaving mid-way), run twice in one server with fewer adapter slots than adapters and a
 KV cache small enough to preempt. Afterwards nothing is held (KV blocks, slot users, adapter pins),
-the finetune store is as uploaded, and every greedy output equals the same request run alone."""
+the finetune store is as uploaded, and every greedy output equals the same request run alone. Half
+the prompts share a preamble, so the prefix cache hits, evicts and is reused after preemption."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ MODEL = "@cf/google/gemma-7b-it-lora"
 ACCOUNTS = ("acct-a", "acct-b", "acct-c", "acct-d")
 TOKENS = {f"tok-{a}": a for a in ACCOUNTS}
 WORDS = "river stone light orange seven quiet market winter engine paper garden silver".split()
+PREAMBLE = "A shared preamble that half of the prompts start with, so that the prefix cache is busy too: "
 
 
 def make_adapters(base_dir, out_dir, n):
@@ -53,7 +55,7 @@ def spec(rng: random.Random, i: int) -> dict:
     account = ACCOUNTS[i % 4]
     return {"account": account, "lora": rng.choice([None, f"ft-{account}-0", f"ft-{account}-1"]),
             "openai": rng.random() < 0.3, "stream": rng.random() < 0.5, "leave": rng.random() < 0.15,
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))),
+            "prompt": rng.choice(["", PREAMBLE]) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))),
             "max_tokens": rng.randint(3, 40)}
 
 
@@ -138,12 +140,16 @@ def test_soak_two_rounds_of_200_mixed_requests(tiny_real_vocab, tmp_path, servin
             time.sleep(0.05)
         stats = engine.stats()
         assert stats.kv_blocks_used == 0 and stats.running == 0 and stats.waiting == 0
+        assert not any(engine.engine.blocks._refs)                                # every block free or cached
         assert not engine.engine.scheduler.adapter_users                         # no slot has a user
         assert all(engine.registry.in_flight(ref) == 0 for ref in engine.registry.refs())
         assert stats.failed_steps == 0
         print(f"\nsoak: 2 x 200 requests in {elapsed:.1f} s, {stats.preemptions} preemptions, "
               f"{stats.adapter_slot_loads} slot loads")
-        assert stats.preemptions > 0 and stats.adapter_slot_loads > 3             # both paths were exercised
+        print(f"prefix cache: {stats.prefix_cache_hits} of {stats.prefix_cache_queries} prompt tokens hit, "
+              f"{engine.engine.blocks.evictions} evictions")
+        assert stats.preemptions > 0 and stats.adapter_slot_loads > 3             # every path was exercised
+        assert stats.prefix_cache_hits > 0 and engine.engine.blocks.evictions > 0
 
         for account in ACCOUNTS:                                                  # the store as uploaded
             h = {"authorization": f"Bearer tok-{account}"}

@@ -79,7 +79,8 @@ class TextGeneration:
             raise capacity_exceeded()
         adapter_id = await self.adapter_for(account, req.lora)
         ids = self.prompt_ids(req)
-        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale)
+        # Salted by account: tenants never share cached prefixes (nor learn of each other's through timing)
+        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account)
         try:
             first = await gen.__anext__()
         except InvalidRequestError as exc:

@@ -6,7 +6,9 @@ preempted.
 
 Prefix caching follows vLLM v1. A full block is named by a hash chained over the hash of the block
 before it, so one hash stands for every token up to the block's end; the chain starts from a root
-that names what else decides the K/V (the adapter and its scale: two adapters never share a block).
+that names what else decides the K/V (the adapter and its scale: two adapters never share a block)
+and the request's cache salt (the API salts with the account: a tenant who could hit another's
+cached prefix would learn from the time to first token, or the cached-token count, what it sent).
 Blocks are ref-counted: requests with the same prefix share the blocks it fills. A block whose last
 user lets go stays cached, queued among the free blocks; allocation takes the least recently freed
 block first and only then forgets (evicts) the hash it held. Hashes are SHA-256: a tenant who could
@@ -16,7 +18,6 @@ forge a collision with another's prefix would read that tenant's K/V, so a fast 
 from __future__ import annotations
 
 import hashlib
-import struct
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,10 +25,11 @@ from collections.abc import Sequence
 BlockHash = bytes
 
 
-def prefix_root(adapter_id: str | None, lora_scale: float) -> BlockHash:
-    """Where a request's hash chain starts: everything besides the tokens that decides its K/V."""
-    key = b"base" if adapter_id is None else b"adapter\0" + adapter_id.encode() + struct.pack("<d", lora_scale)
-    return hashlib.sha256(key).digest()
+def prefix_root(adapter_id: str | None, lora_scale: float, cache_salt: str | None = None) -> BlockHash:
+    """Where a request's hash chain starts: everything besides the tokens that decides its K/V, and the
+    salt that says who may share it. repr of a tuple of str / None / float is unambiguous and exact."""
+    key = (cache_salt, adapter_id, None if adapter_id is None else float(lora_scale))
+    return hashlib.sha256(repr(key).encode()).digest()
 
 
 def block_hash(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:

@@ -70,12 +70,13 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, *,
                     adapter_id: str | None = None, adapter: LoRAAdapter | None = None,
-                    lora_scale: float = 1.0) -> str:
-        """`adapter` (validated weights) under its stable `adapter_id`, or neither for the base model."""
+                    lora_scale: float = 1.0, cache_salt: str | None = None) -> str:
+        """`adapter` (validated weights) under its stable `adapter_id`, or neither for the base model.
+        Only requests with the same `cache_salt` share cached prefixes."""
         self.validate(prompt_ids, adapter, lora_scale)
         request_id = request_id or uuid.uuid4().hex
         self.scheduler.add(Request(request_id, prompt_ids, params, self.stop_token_ids, self.max_model_len,
-                                   adapter_id, adapter, lora_scale))
+                                   adapter_id, adapter, lora_scale, cache_salt))
         return request_id
 
     def validate(self, prompt_ids: list[int], adapter: LoRAAdapter | None = None, lora_scale: float = 1.0) -> None:

@@ -13,7 +13,7 @@ that has waited `adapter_aging_steps` steps for a slot stops the admission of ev
 request until a slot drains and it gets in (base-model requests still pass: they need no slot).
 
 Prefix caching: a request admitted from the queue first takes the longest run of its full blocks
-that the block manager has cached under the same hash chain (same tokens, same adapter and scale),
+that the block manager has cached under the same hash chain (same tokens, adapter, scale and salt),
 and starts computing after them; at least one token is always left to compute, so a token can be
 sampled. As a request's blocks fill with computed K/V they are named in the cache, so later requests
 (and this one, resumed after preemption) find them.
@@ -209,7 +209,7 @@ class Scheduler:
         """The hash chain of req's first num_blocks full blocks, extended as far as needed."""
         hashes, size = req.block_hashes, self.blocks.block_size
         for i in range(len(hashes), num_blocks):
-            parent = hashes[-1] if hashes else prefix_root(req.adapter_id, req.lora_scale)
+            parent = hashes[-1] if hashes else prefix_root(req.adapter_id, req.lora_scale, req.cache_salt)
             hashes.append(block_hash(parent, req.token_slice(i * size, size)))
         return hashes[:num_blocks]
 
