@@ -164,10 +164,10 @@ def start_gemlora(model: Path | None, adapters_dir: Path | None, extra: list[str
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_llama(binary: Path, gguf: Path, loras: list[Path], threads: int, ctx: int):
+def start_llama(binary: Path, gguf: Path, loras: list[Path], threads: int, ctx: int, parallel: int = 32):
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "-np", "32", "-c", str(ctx), "--no-webui", "-a", ALIAS]
+           "-tb", str(threads), "-np", str(parallel), "-c", str(ctx), "--no-webui", "-a", ALIAS]
     for lora in loras:
         cmd += ["--lora", str(lora)]
     if loras:
