@@ -213,8 +213,8 @@ def main() -> None:
         if name == "gemlora":
             continue
         print(f"{name} TTFT p50 / gemlora's: preamble {p50(r['preamble']) / p50(g['preamble']):.2f}x, "
-              f"chat turn {args.turns} {p50(r['chat'][-1]) / p50(g['chat'][-1]):.2f}x "
-              f"(target for llama.cpp's preamble: >= 2x)")
+              f"chat turn {args.turns} {p50(r['chat'][-1]) / p50(g['chat'][-1]):.2f}x"
+              + (" (target for the preamble: >= 2x)" if name == "llama.cpp" else ""))
 
 
 if __name__ == "__main__":
