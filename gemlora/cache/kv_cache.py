@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gemlora.kernels import hugepages
 from gemlora.model.config import GemmaConfig
 
 
@@ -24,5 +25,5 @@ def blocks_for_budget(cfg: GemmaConfig, block_size: int, dtype: torch.dtype, bud
 def allocate_kv_cache(cfg: GemmaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)]
+    # huge pages on the CPU: decode attention reads every row's blocks each step
+    return [(hugepages.zeros(shape, dtype, device), hugepages.zeros(shape, dtype, device)) for _ in range(cfg.num_layers)]

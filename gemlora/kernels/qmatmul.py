@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gemlora.kernels import hugepages
 from gemlora.kernels.build import extension
 from gemlora.quant.tensor import QuantizedTensor
 
@@ -84,8 +85,8 @@ def can_pack_for_cpu(qt: QuantizedTensor) -> bool:
 
 def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
     """Canonical rows -> 16-row tiles of 4-wide k quads (see qmatmul.cpp), a chunk of tiles at a time,
-    so the only transient is one chunk's unpacked codes, whatever the tensor's size. Needs the
-    extension (a packed weight is only ever multiplied by it)."""
+    so the only transient is one chunk's unpacked codes, whatever the tensor's size; in huge-page
+    memory (gemlora.kernels.hugepages). Needs the extension (a packed weight is only ever multiplied by it)."""
     if extension() is None:
         raise RuntimeError("the CPU kernels are not available here")
     if not can_pack_for_cpu(qt):
@@ -93,7 +94,7 @@ def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
     rows, cols = qt.shape
     tiles = -(-rows // TILE)
     block_bytes = 512 if qt.bits == 8 else 256
-    codes = torch.empty(tiles, cols // BLOCK, block_bytes, dtype=torch.uint8)
+    codes = hugepages.empty((tiles, cols // BLOCK, block_bytes), torch.uint8)   # streamed every token
     for t0 in range(0, tiles, tiles_per_chunk):
         t1 = min(t0 + tiles_per_chunk, tiles)
         part = QuantizedTensor(qt.codes[t0 * TILE:t1 * TILE], qt.scales[t0 * TILE:t1 * TILE], None, qt.bits,
@@ -114,7 +115,7 @@ def pack(qt: QuantizedTensor, tiles_per_chunk: int = 256) -> CPUPacked:
         pad = tiles * TILE - rows
         if pad:
             t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
-        return t.view(tiles, TILE, -1).transpose(1, 2).contiguous()     # [tiles, groups, 16]
+        return hugepages.copy_of(t.view(tiles, TILE, -1).transpose(1, 2))  # [tiles, groups, 16]
 
     return CPUPacked(codes.view(-1), tiled(qt.scales), tiled(qt.bias), rows, cols, qt.bits, qt.group, qt.offset)
 
