@@ -21,10 +21,11 @@ def kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                     mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float, softcap: float | None, isa: str = "auto") -> torch.Tensor:
     """q [R, H, D]; blocks [R * n] (row-major, each row's n blocks); mask [R, n * block_size] bool.
-    Returns [R, H * D]. Needs `kernel_applies`."""
-    return extension().decode_attention(q, k_cache, v_cache, blocks, mask, scale, softcap or 0.0)
+    Returns [R, H * D]. Needs `kernel_applies`. `isa`: auto (the widest this CPU runs), avx512, avx2
+    or scalar (the tests run each)."""
+    return extension().decode_attention(q, k_cache, v_cache, blocks, mask, scale, softcap or 0.0, isa)
 
 
 def reference_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gemlora.kernels.build import extension
+from gemlora.kernels.decode_stack import DecodeStack, LayerWeights, StackShape
 from gemlora.model.attention import AttentionMetadata, paged_attention
 from gemlora.model.config import GemmaConfig
 from gemlora.model.layers import Linear, RMSNorm, Rotary, gelu_tanh, norm_and_rotate
@@ -107,6 +109,8 @@ class GemmaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
         self._rotary: dict[bool, Rotary] = {}
+        self.use_decode_stack = True    # decode-only steps in one C++ call where it applies (same bits)
+        self._decode_stack: DecodeStack | None | bool = False   # False: not built yet; None: cannot be
         for name, module in self.layers.named_modules(prefix="layers"):
             if isinstance(module, Linear):
                 module.lora_key = name
@@ -146,9 +150,46 @@ class GemmaForCausalLM(nn.Module):
         else:
             x = self.embed_quantized.take_rows(input_ids, self.dtype)
         x = x * normalizer
-        for layer in self.layers:
-            x = layer(x, ctx)
+        stack = self.decode_stack() if self.use_decode_stack else None
+        if stack is not None and stack.applies(x, ctx.attn, ctx.kv_caches, ctx.lora):
+            x = stack(x, ctx.attn, ctx.kv_caches, ctx.cos_sin)
+        else:
+            for layer in self.layers:
+                x = layer(x, ctx)
         return self.norm(x)
+
+    def decode_stack(self) -> DecodeStack | None:
+        """The layers as one C++ call for decode steps (gemlora.kernels.decode_stack), built on first use
+        from the loaded weights; None where it cannot serve (no kernels, not the CPU, a weight in
+        another form)."""
+        if self._decode_stack is False:
+            self._decode_stack = self._build_decode_stack()
+        return self._decode_stack
+
+    def _build_decode_stack(self) -> DecodeStack | None:
+        if extension() is None or self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+
+        def parts(linear: Linear):
+            if linear.quantized is None:
+                return [linear.weight.detach()]
+            return getattr(linear.quantized, "cpu_parts", lambda: None)()
+
+        cfg, layers = self.cfg, []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = [parts(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if any(p is None for p in projections):
+                return None
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if layer.sandwich:
+                norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+            layers.append(LayerWeights(*projections, [n.scale() for n in norms],
+                                       attn.q_norm.scale() if cfg.qk_norm else None,
+                                       attn.k_norm.scale() if cfg.qk_norm else None, attn.sliding))
+        shape = StackShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.attn_scale,
+                           cfg.attn_logit_softcap, cfg.sandwich_norms)
+        return DecodeStack(shape, layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] for the N positions that are sampled. Returns float32 [N, vocab]."""

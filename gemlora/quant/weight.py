@@ -61,6 +61,12 @@ class QuantWeight:
                 else kernels.dequantized_matmul(x, m) for m, acts in zip(self._matrices, self.activations)]
         return torch.cat(outs, dim=-1).to(x.dtype)
 
+    def cpu_parts(self) -> list[tuple[kernels.CPUPacked, str]] | None:
+        """(packed matrix, activation form) of each part, in output order; None unless all are packed."""
+        if not all(isinstance(m, kernels.CPUPacked) for m in self._matrices):
+            return None
+        return list(zip(self._matrices, self.activations))
+
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W (an embedding lookup), dequantized to `dtype`."""
         if len(self._matrices) != 1:

@@ -8,8 +8,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
   m.def("quantize_activations", &quantize_activations, "int8 or int16 activations in blocks of 32", release());
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
-  m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", release());
+  m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", pybind11::arg("q"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("blocks"), pybind11::arg("mask"),
+        pybind11::arg("scale"), pybind11::arg("softcap"), pybind11::arg("isa") = "auto", release());
   m.def("norm_rope", &norm_rope, "rotary embedding after an optional per-head RMSNorm", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows", release());
   m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
+  bind_decode_stack(m);
 }

@@ -21,7 +21,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, doubl
 
 // attention.cpp: one query per row over a paged float32 KV cache (blocks, mask, soft-cap)
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& blocks, const torch::Tensor& mask, double scale, double softcap);
+                               const torch::Tensor& blocks, const torch::Tensor& mask, double scale, double softcap,
+                               const std::string& isa = "auto");
+
+// decode_stack.cpp: every decoder layer of a decode-only step in one call (classes DecodeStack, StackMatrix)
+void bind_decode_stack(pybind11::module& m);
 
 // rope.cpp: rotate-half rotary embedding of float32 [T, heads, D], after an optional per-head RMSNorm
 torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tensor>& scale, double eps,
