@@ -110,17 +110,26 @@ def test_shapes_the_kernels_cannot_take_are_refused_with_a_clear_error():
         packed.take_rows(torch.tensor([16]))
 
 
-def test_activation_quantization_matches_its_reference():
-    x = activations(7, 128, seed=9)
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_activation_quantization_matches_its_reference(rows):
+    # 40 rows: more than one parallel chunk; 7 x 128 with outliers and an all-zero block
+    x = activations(rows, 128, seed=9)
+    x[0, 32:64] = 0
     for mode in K.ACTIVATIONS:
-        q, d, s16 = K.extension().quantize_activations(x, mode)
-        assert q.dtype == (torch.int16 if mode == "int16" else torch.int8)
-        got = sum(q[p].double() * d[p].double().repeat_interleave(32, dim=1) for p in range(q.shape[0]))
         want, _ = K.reference_quantize_activations(x, mode)
-        assert torch.equal(got, want)
-        # s16: d * (sum of q) over each 16 elements, summed over the passes, as the kernels' bias term uses it
-        sums = (q.double() * d.double().repeat_interleave(32, dim=-1)).reshape(q.shape[0], 7, 8, 16).sum(-1).sum(0)
-        assert torch.allclose(s16.double(), sums, rtol=1e-6, atol=1e-6)
+        first = None
+        for isa in ISAS:
+            q, d, s16 = K.extension().quantize_activations(x, mode, isa)
+            assert q.dtype == (torch.int16 if mode == "int16" else torch.int8)
+            got = sum(q[p].double() * d[p].double().repeat_interleave(32, dim=1) for p in range(q.shape[0]))
+            assert torch.equal(got, want), (isa, mode)
+            # s16: d * (sum of q) over each 16 elements, summed over the passes, as the kernels' bias term uses
+            sums = (q.double() * d.double().repeat_interleave(32, dim=-1)).reshape(q.shape[0], rows, 8, 16)
+            assert torch.allclose(s16.double(), sums.sum(-1).sum(0), rtol=1e-6, atol=1e-6), (isa, mode)
+            if first is None:
+                first = (q, d, s16)
+            else:                                # every vector path gives the scalar path's bytes
+                assert all(torch.equal(a, b) for a, b in zip(first, (q, d, s16))), (isa, mode)
 
 
 def test_int16_activations_are_at_least_as_exact_as_two_int8_passes():

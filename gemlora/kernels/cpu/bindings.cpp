@@ -6,7 +6,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
-  m.def("quantize_activations", &quantize_activations, "int8 or int16 activations in blocks of 32", release());
+  m.def("quantize_activations", &quantize_activations, "int8 or int16 activations in blocks of 32", pybind11::arg("x"),
+        pybind11::arg("activations"), pybind11::arg("isa") = "auto", release());
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
   m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("blocks"), pybind11::arg("mask"),

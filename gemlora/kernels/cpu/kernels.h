@@ -10,11 +10,14 @@
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits, int64_t group,
                       int64_t offset, const std::string& activations, const std::string& isa);
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const std::string& activations);
 torch::Tensor dequantize_rows(const torch::Tensor& ids, const torch::Tensor& packed, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits,
                               int64_t group, int64_t offset);
 std::string cpu_isa();
+
+// activations.cpp: the activation quantization alone, on one vector path (for the tests)
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const std::string& activations,
+                                                const std::string& isa = "auto");
 
 // rmsnorm.cpp: y = x / sqrt(mean(x^2) + eps) * scale, float32 rows
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps);

@@ -1,9 +1,7 @@
 // Quantized matmul on the CPU: y[M, N] = x[M, K] @ W[N, K]^T, W in 4- or 8-bit codes with per-group
-// scales, x quantized on the fly in blocks of 32 (one fp32 scale per block), in one of three forms:
-//   int8    one int8 pass, as llama.cpp does;
-//   int8x2  two: the residual x - dx * xq is quantized the same way and multiplied too (about as exact
-//           as int16, for twice the integer work; what AVX-512 VNNI's u8 x s8 dpbusd does best);
-//   int16   one int16 pass (madd_epi16: AVX2's cheapest exact-enough form, no saturation games).
+// scales, x quantized on the fly in blocks of 32 (activations.h: int8, int8x2 or int16):
+//   int8x2 is about as exact as int16 for twice the integer work, what AVX-512 VNNI's u8 x s8 dpbusd
+//   does best; int16 is AVX2's cheapest exact-enough form (madd_epi16, no saturation games).
 // Gemma's activations have large outliers: one int8 pass changes 2-3% of the 270M model's greedy
 // tokens, int8x2 and int16 0.25% or less.
 //
@@ -22,6 +20,7 @@
 // and a scalar one. All give the same integer dot products; only the order of the float accumulation
 // differs. int16 activations on a VNNI CPU run the AVX2 int16 path.
 
+#include "activations.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -34,8 +33,9 @@
 
 namespace {
 
+using namespace gemlora;
+
 constexpr int kTile = 16;   // weight rows per tile
-constexpr int kBlock = 32;  // activation quantization block along K
 
 struct Weights {
   const uint8_t* codes;     // packed
@@ -47,101 +47,9 @@ struct Weights {
   int64_t groups() const { return k / group; }
 };
 
-struct Activations {
-  const int8_t* q;          // [passes, M, K]
-  const float* d;           // [passes, M, K/32]   scale of each block
-  const float* s16;         // [M, K/16]   sum over the passes of d * (sum of q over each 16 elements)
-  int64_t m, k, passes;
-  int64_t pass_rows;        // rows between one pass and the next (m, unless this is a slice of rows)
-  const int8_t* qp(int64_t p) const { return q + p * pass_rows * k; }
-  const float* dp(int64_t p) const { return d + p * pass_rows * (k / 32); }
-  Activations rows(int64_t m0, int64_t count) const {
-    return {q + m0 * k, d + m0 * (k / 32), s16 + m0 * (k / 16), count, k, passes, pass_rows};
-  }
-};
-
-// int16 activations: one pass
-struct Activations16 {
-  const int16_t* q;         // [M, K]
-  const float* d;           // [M, K/32]
-  const float* s16;         // [M, K/16]   d * (sum of q over each 16 elements)
-  int64_t m, k;
-  static constexpr int64_t passes = 1;     // the interface of Activations, for the scalar path
-  const int16_t* qp(int64_t) const { return q; }
-  const float* dp(int64_t) const { return d; }
-  Activations16 rows(int64_t m0, int64_t count) const {
-    return {q + m0 * k, d + m0 * (k / 32), s16 + m0 * (k / 16), count, k};
-  }
-};
-
-// d * (sum of the quantized activations) over weight group hg of 32-block b (all passes)
-template <class A>
-inline float group_sum(const A& a, int64_t m, int64_t b, int64_t hg, int64_t group) {
-  const float* s = a.s16 + m * (a.k / 16) + 2 * b;
-  return group == 16 ? s[hg] : s[0] + s[1];
-}
-
 inline float load_scalar(const void* p, bool half, int64_t i) {
   if (half) return c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(p)[i]);
   return static_cast<const float*>(p)[i];
-}
-
-// ---- activation quantization (shared by every path) ---------------------------------------------
-
-// Pass p quantizes what the passes before it left: x, then x - dx_0 * xq_0.
-void quantize_rows(const float* x, int64_t m, int64_t k, int64_t passes, int8_t* q, float* d, float* s16) {
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-    float rest[kBlock];
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < k / kBlock; ++b) {
-        std::memcpy(rest, x + r * k + b * kBlock, sizeof rest);
-        float sums[2] = {0.f, 0.f};
-        for (int64_t p = 0; p < passes; ++p) {
-          float amax = 0.f;
-          for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(rest[i]));
-          const float scale = amax / 127.f;
-          const float inv = scale > 0.f ? 1.f / scale : 0.f;
-          int8_t* qb = q + (p * m + r) * k + b * kBlock;
-          int isums[2] = {0, 0};
-          for (int i = 0; i < kBlock; ++i) {
-            const int v = static_cast<int>(std::nearbyint(rest[i] * inv));
-            qb[i] = static_cast<int8_t>(v);
-            isums[i / 16] += v;
-            rest[i] -= static_cast<float>(v) * scale;
-          }
-          d[(p * m + r) * (k / kBlock) + b] = scale;
-          sums[0] += scale * static_cast<float>(isums[0]);
-          sums[1] += scale * static_cast<float>(isums[1]);
-        }
-        s16[r * (k / 16) + 2 * b] = sums[0];
-        s16[r * (k / 16) + 2 * b + 1] = sums[1];
-      }
-    }
-  });
-}
-
-void quantize_rows16(const float* x, int64_t m, int64_t k, int16_t* q, float* d, float* s16) {
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < k / kBlock; ++b) {
-        const float* xb = x + r * k + b * kBlock;
-        float amax = 0.f;
-        for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float scale = amax / 32767.f;
-        const float inv = scale > 0.f ? 1.f / scale : 0.f;
-        int16_t* qb = q + r * k + b * kBlock;
-        int isums[2] = {0, 0};
-        for (int i = 0; i < kBlock; ++i) {
-          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
-          qb[i] = static_cast<int16_t>(v);
-          isums[i / 16] += v;
-        }
-        d[r * (k / kBlock) + b] = scale;
-        s16[r * (k / 16) + 2 * b] = scale * static_cast<float>(isums[0]);
-        s16[r * (k / 16) + 2 * b + 1] = scale * static_cast<float>(isums[1]);
-      }
-    }
-  });
 }
 
 // ---- scalar path (any x86-64; also the reference for the integer dot products) -----------------
@@ -408,21 +316,6 @@ VNNI_TARGET void tile_vnni(const Weights& w, const Activations& a, float* y, int
 
 // ---- dispatch ---------------------------------------------------------------------------------------
 
-enum class Isa { kScalar, kAvx2, kAvx512Vnni };
-
-Isa best_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-      return Isa::kAvx512Vnni;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return Isa::kAvx2;
-    return Isa::kScalar;
-  }();
-  return isa;
-}
-
 template <int MB, int BITS, int PASSES, int GROUP>
 struct Vnni { static void run(const Weights& w, const Activations& a, float* y, int64_t t, int64_t m0) { tile_vnni<MB, BITS, PASSES, GROUP>(w, a, y, t, m0); } };
 template <int MB, int BITS, int PASSES, int GROUP>
@@ -521,14 +414,6 @@ void run(const Weights& w, const Activations& a, float* y, Isa isa) {
   });
 }
 
-Isa parse_isa(const std::string& name) {
-  if (name == "auto") return best_isa();
-  Isa want = name == "avx512_vnni" ? Isa::kAvx512Vnni : name == "avx2" ? Isa::kAvx2 : Isa::kScalar;
-  TORCH_CHECK(name == "avx512_vnni" || name == "avx2" || name == "scalar", "unknown isa ", name);
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "this CPU cannot run the ", name, " path");
-  return want;
-}
-
 Weights make_weights(const torch::Tensor& packed, const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias,
                      int64_t n, int64_t k, int64_t bits, int64_t group, int64_t offset) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -550,30 +435,6 @@ Weights make_weights(const torch::Tensor& packed, const torch::Tensor& scales, c
 
 }  // namespace
 
-// "int8" -> 1 int8 pass, "int8x2" -> 2, "int16" -> 0 (one int16 pass)
-static int64_t int8_passes(const std::string& activations) {
-  if (activations == "int8") return 1;
-  if (activations == "int8x2") return 2;
-  TORCH_CHECK(activations == "int16", "activations must be int8, int8x2 or int16, got ", activations);
-  return 0;
-}
-
-// x: [M, K] float32 -> (q [P, M, K] int8 or [1, M, K] int16, d [P or 1, M, K/32], s16 [M, K/16])
-static std::vector<torch::Tensor> quantize(const torch::Tensor& x, int64_t passes) {
-  const int64_t m = x.size(0), k = x.size(1);
-  auto opts = x.options();
-  torch::Tensor q = torch::empty({std::max<int64_t>(passes, 1), m, k}, opts.dtype(passes ? torch::kChar : torch::kShort));
-  torch::Tensor d = torch::empty({std::max<int64_t>(passes, 1), m, k / kBlock}, opts);
-  torch::Tensor s16 = torch::empty({m, k / 16}, opts);
-  if (m == 0) return {q, d, s16};
-  if (passes) {
-    quantize_rows(x.data_ptr<float>(), m, k, passes, q.data_ptr<int8_t>(), d.data_ptr<float>(), s16.data_ptr<float>());
-  } else {
-    quantize_rows16(x.data_ptr<float>(), m, k, q.data_ptr<int16_t>(), d.data_ptr<float>(), s16.data_ptr<float>());
-  }
-  return {q, d, s16};
-}
-
 torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits, int64_t group,
                       int64_t offset, const std::string& activations, const std::string& isa) {
@@ -585,7 +446,7 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, co
   const int64_t m = x.size(0);
   torch::Tensor y = torch::empty({m, n}, x.options());
   if (m == 0) return y;
-  const auto qa = quantize(x, passes);
+  const auto qa = quantize(x, passes, path);
   if (passes) {
     const Activations a{qa[0].data_ptr<int8_t>(), qa[1].data_ptr<float>(), qa[2].data_ptr<float>(), m, k, passes, m};
     run(w, a, y.data_ptr<float>(), path);
@@ -594,13 +455,6 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, co
     run_a16(w, a, y.data_ptr<float>(), path);
   }
   return y;
-}
-
-// The activation quantization alone, for the tests: (q [P,M,K], d [P,M,K/32], s16 [M,K/16]).
-std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in, const std::string& activations) {
-  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % kBlock == 0, "x must be [M, K] with K a multiple of 32");
-  return quantize(x, int8_passes(activations));
 }
 
 // Rows `ids` of W, dequantized to float32: the embedding lookup of a quantized (tied) table.
@@ -633,10 +487,4 @@ torch::Tensor dequantize_rows(const torch::Tensor& ids_in, const torch::Tensor& 
   return out;
 }
 
-std::string cpu_isa() {
-  switch (best_isa()) {
-    case Isa::kAvx512Vnni: return "avx512_vnni";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
+std::string cpu_isa() { return isa_name(best_isa()); }
