@@ -17,6 +17,7 @@ import torch
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 if TYPE_CHECKING:
+    from gemlora.engine.token_masks import TokenConstraint
     from gemlora.lora.adapter import LoRAAdapter
 
 
@@ -37,7 +38,7 @@ class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  stop_token_ids: frozenset[int], max_model_len: int,
                  adapter_id: str | None = None, adapter: LoRAAdapter | None = None, lora_scale: float = 1.0,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, constraint: TokenConstraint | None = None):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -53,6 +54,7 @@ class Request:
         self.num_named_blocks = 0        # leading blocks of its table that the prefix cache knows by name
         self.num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache when first admitted
         self.num_preemptions = 0
+        self.constraint = constraint     # the grammar its output follows; its state moves with output_ids
         self.finish_reason: FinishReason | None = None
         if (adapter_id is None) != (adapter is None):
             raise ValueError("adapter_id and adapter go together")
@@ -78,8 +80,12 @@ class Request:
 
     def append(self, token: int) -> FinishReason | None:
         self.output_ids.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if token in self.stop_token_ids:
             return FinishReason.STOP
+        if self.constraint is not None and self.constraint.finished:
+            return FinishReason.STOP     # the grammar is complete (with ignore_eos too: nothing may follow)
         if self.num_tokens >= self.max_len:
             return FinishReason.LENGTH
         return None

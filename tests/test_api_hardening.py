@@ -151,9 +151,9 @@ def test_stop_is_honoured_and_output_changing_fields_are_refused_on_ai_run(serve
     cut = httpx.post(run_url(base), headers=ALICE, timeout=30,
                      json={"prompt": "One two three", "raw": True, "max_tokens": 30, "temperature": 0, "stop": [stop]})
     assert cut.status_code == 200 and cut.json()["result"]["response"] == text[:text.index(stop)]
-    for field, value in (("response_format", {"type": "json_object"}),
-                         ("response_format", {"type": "json_schema", "json_schema": {"type": "object"}}),
-                         ("guided_json", {"type": "object"}),
+    for field, value in (("response_format", {"type": "json"}),
+                         ("response_format", {"type": "json_schema", "json_schema": {"not": {"type": "object"}}}),
+                         ("guided_json", {"type": "object", "properties": {"a": {"uniqueItems": True}}}),
                          ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
                          ("functions", [{"name": "f", "code": "x"}]),
                          ("stop", [""]), ("stop", 5)):

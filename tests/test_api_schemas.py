@@ -72,8 +72,7 @@ def test_every_option_is_carried_into_sampling_params():
 
 def test_message_items_keep_only_role_and_content_and_unknown_keys_pass():
     # Unknown top-level keys still pass, as on Workers AI (no additionalProperties: false), but they are
-    # reported (and logged by the server), never dropped in silence. response_format json_object used to
-    # pass here too; since issue 7 it is refused until JSON mode exists (test_output_changing_fields...).
+    # reported (and logged by the server), never dropped in silence.
     req = parse_run_body(body({"messages": [{"role": "user", "content": "hi", "name": "x"}],
                                "options": {"rejectIfBusy": True}, "response_format": {"type": "text"},
                                "tags": ["a"], "zzz": 1}))
@@ -81,7 +80,8 @@ def test_message_items_keep_only_role_and_content_and_unknown_keys_pass():
     assert req.reject_if_busy is True and req.ignored_fields == ("tags", "zzz")
 
 
-@pytest.mark.parametrize("field,value", [("response_format", {"type": "json_object"}), ("guided_json", "{}"),
+@pytest.mark.parametrize("field,value", [("response_format", {"type": "xml"}), ("guided_json", "{not json"),
+                                         ("guided_json", ["a"]), ("response_format", {"type": "json_schema"}),
                                          ("tools", [{"type": "function"}]), ("functions", [{"name": "f"}])])
 def test_output_changing_fields_are_refused_naming_the_field(field, value):
     with pytest.raises(ApiError) as err:
@@ -405,7 +405,7 @@ def test_model_is_required(parse, base):
      None),
     ({"model": "m", "messages": USER, "logprobs": True}, "logprobs", None),
     ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
-    ({"model": "m", "messages": USER, "response_format": {"type": "json_object"}}, "response_format", None),
+    ({"model": "m", "messages": USER, "response_format": {"type": "json_objekt"}}, "response_format", None),
     ({"model": "m", "messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", None),
 ])
 def test_openai_chat_errors_name_the_param(obj, param, message):

@@ -136,6 +136,13 @@ def map_case(context, case):
             and _generates(case)):
         case.body = dict(case.body)
         _bound(case.body, MAX_TOKENS)
+        # An output format's contents are not expressible in the document either: a schema the grammar
+        # can enforce, not given twice, with an output that completes within MAX_TOKENS (ai/run refuses a
+        # JSON-mode answer cut short). Positive cases go without one; negative ones still send any value.
+        # JSON output itself is tested in tests/test_json_output.py.
+        case.body.pop("guided_json", None)
+        if isinstance(case.body.get("response_format"), dict):
+            case.body["response_format"] = {"type": "text"}
     return case
 
 

@@ -130,7 +130,7 @@ def test_the_schemas_refuse_what_the_server_refuses():
     for body in ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, {"prompt": ""}, {},
                  {"prompt": "hi", "top_k": 51}, {"prompt": "hi", "max_tokens": None},
                  {"prompt": "hi", "stream": "true"},
-                 {"prompt": "hi", "guided_json": {}}, {"prompt": "hi", "tools": [{"type": "function"}]},
+                 {"prompt": "hi", "guided_json": 3}, {"prompt": "hi", "tools": [{"type": "function"}]},
                  {"prompt": "x" * 4097}, {"messages": [{"role": "tool", "content": "x"}]}):
         assert not run.is_valid(body), body
     assert run.is_valid({"prompt": "hi", "raw": "true", "stop": ["a"], "options": {"rejectIfBusy": True}, "tags": 1})
@@ -250,7 +250,7 @@ USER = [{"role": "user", "content": "hi"}]
 REFUSED = {
     "/run/{model}": {"bad-top-k": {"prompt": "hi", "top_k": 51},
                      "both-inputs": {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
-                     "json-mode": {"prompt": "hi", "response_format": {"type": "json_object"}}},
+                     "json-mode": {"prompt": "hi", "response_format": {"type": "xml"}}},
     "/finetunes": {"bad-name": {"model": MODEL, "name": "a b"}},
     "/finetunes/{finetune}/finetune-assets": {"bad-file-name": {"file_name": "model.bin", "file": "x"}},
     "/v1/chat/completions": {"bad-top-k": {"model": MODEL, "messages": USER, "top_k": 51},

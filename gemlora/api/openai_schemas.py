@@ -19,7 +19,9 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import ApiError
 from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MESSAGE_ROLES, GenerateRequest, Int, Raw,
-                                 _check_max_length, _crossed_bound, _json_object, _json_type, _lone_surrogate, _rest)
+                                 _check_max_length, _crossed_bound, _json_object, _json_type, _lone_surrogate, _rest,
+                                 output_format)
+from gemlora.structured.output_format import OutputFormatError
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 OPENAI_TEMPERATURE = 1.0             # OpenAI's default
@@ -143,8 +145,6 @@ _UNSUPPORTED = (
     ("logit_bias", _off, "logit_bias is not supported"),
     ("tools", _off, "tools are not supported"),
     ("functions", _off, "functions are not supported"),
-    ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-     "only response_format {\"type\": \"text\"} is supported"),
     ("tool_choice", lambda v: v in (None, "none", "auto"), "tools are not supported"),
     ("function_call", lambda v: v in (None, "none", "auto"), "functions are not supported"),
     ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
@@ -152,7 +152,6 @@ _UNSUPPORTED = (
     ("prediction", _off, "predicted outputs are not supported"),
     ("web_search_options", _off, "web search is not supported"),
     ("reasoning_effort", _off, "reasoning is not supported by this model"),
-    ("guided_json", _off, "guided decoding is not supported by this server yet"),
     ("guided_regex", _off, "guided decoding is not supported by this server yet"),
     ("guided_choice", _off, "guided decoding is not supported by this server yet"),
     ("guided_grammar", _off, "guided decoding is not supported by this server yet"),
@@ -229,11 +228,16 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
             field = "max_completion_tokens"
         value = req.lora_scale if field == "lora_scale" else options.get(exc.field)
         raise ApiError(5006, 400, _openai_range_text(exc, field, value), param=field) from None
+    try:
+        fmt = output_format(data)
+    except OutputFormatError as exc:
+        raise ApiError(5006, 400, f"Invalid '{exc.field}': {exc}.", param=exc.field) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    known = set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED} | set(_METADATA)
+    known = (set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED} | set(_METADATA)
+             | {"response_format", "guided_json"})
     return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
                            lora=req.lora, lora_scale=lora_scale, include_usage=include_usage,
-                           ignored_fields=tuple(sorted(set(data) - known)))
+                           ignored_fields=tuple(sorted(set(data) - known)), output_format=fmt)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,22 @@ _JSON = "application/json"
 _SSE = "text/event-stream"
 
 
+
+# JSON mode and JSON-schema output (gemlora.structured): both dialects take both wrappers.
+RESPONSE_FORMAT = {
+    "type": "object", "required": ["type"],
+    "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                   "json_schema": {"type": "object", "description": "OpenAI's `{name, schema, strict}` or, as "
+                                   "Workers AI sends it, the JSON schema itself."}},
+    "description": "`json_object`: the output is one JSON object; `json_schema`: JSON valid against the schema "
+                   "(enforced token by token; a schema feature that cannot be enforced is refused with 5006). "
+                   "On `ai/run` without streaming, `response` is then the JSON value itself, as Workers AI's JSON "
+                   "mode answers; an output cut short by `max_tokens` is refused there (\"JSON Mode couldn't be "
+                   "met\"), and ends with finish reason `length` on the OpenAI routes."}
+GUIDED_JSON = {"anyOf": [{"type": "object"}, {"type": "string"}],
+               "description": "A JSON schema (or a string holding one) the output must follow; `response` stays "
+                              "text. Not together with `response_format`."}
+
 def _ref(kind: str, name: str) -> dict:
     return {"$ref": f"{_REF}{kind}/{name}"}
 
@@ -127,17 +143,13 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                  "description": "The output ends before the first match (not included)."},
         "options": {"type": "object", "properties": {"rejectIfBusy": {"type": "boolean", "default": False}},
                     "description": "`rejectIfBusy`: answer 3040 / 429 instead of queueing when requests wait."},
-        # Refused until implemented (5006 naming the field), never accepted and ignored.
-        "response_format": {"type": "object", "required": ["type"], "additionalProperties": False,
-                            "properties": {"type": {"const": "text"}},
-                            "description": "Refused: only `{\"type\": \"text\"}` (the default) is accepted; "
-                                           "JSON mode (json_object / json_schema) is not supported yet."},
+        "response_format": RESPONSE_FORMAT,
+        "guided_json": GUIDED_JSON,
+        # Refused (5006 naming the field), never accepted and ignored.
         "tools": {"type": "array", "maxItems": 0, "description": "Refused: tool calling is not supported "
                                                                   "(only an empty array is accepted)."},
         "functions": {"type": "array", "maxItems": 0, "description": "Refused: embedded function calling is "
                                                                       "not supported (only an empty array)."},
-        "guided_json": {"not": {}, "description": "Refused whatever its value: guided JSON output is not "
-                                                   "supported yet."},
     }
     run_message = {"type": "object", "required": ["role", "content"],
                    "properties": {"role": {"enum": list(MESSAGE_ROLES)}, "content": text},
@@ -182,11 +194,10 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
         "ignore_eos": _nullable({"type": "boolean", "description": "Extension (as vLLM's): keep generating "
                                                                    "past end-of-sequence, up to max_tokens."}),
         **{name: off for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
-                                  "audio", "prediction", "web_search_options", "reasoning_effort", "guided_json",
+                                  "audio", "prediction", "web_search_options", "reasoning_effort",
                                   "guided_regex", "guided_choice", "guided_grammar")},
-        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
-                                                          "properties": {"type": {"const": "text"}}}],
-                            "description": "Only `{\"type\": \"text\"}` is accepted."},
+        "response_format": _nullable(RESPONSE_FORMAT),
+        "guided_json": {"anyOf": [{"type": "null"}, *GUIDED_JSON["anyOf"]], "description": GUIDED_JSON["description"]},
         "tool_choice": {"enum": [None, "none", "auto"]},
         "function_call": {"enum": [None, "none", "auto"]},
         "modalities": {"enum": [None, ["text"]]},
@@ -507,9 +518,9 @@ def _run_operation() -> dict:
                 "both-inputs": _ex(_wai_err(5006, "AiError: Bad input: Error: oneOf at '/' not met, 2 matches: "
                                                   "'prompt' and 'messages' cannot be given together, give one of "
                                                   f"them ({_RID})"), "prompt and messages together"),
-                "json-mode": _ex(_wai_err(5006, "AiError: Bad input: '/response_format' JSON mode (response_format "
-                                                "json_object / json_schema) is not supported by this server yet "
-                                                f"({_RID})"), "JSON mode (refused)"),
+                "json-mode": _ex(_wai_err(5006, "AiError: Bad input: '/response_format' \"type\" must be \"text\", "
+                                                f"\"json_object\" or \"json_schema\", got \"xml\" ({_RID})"),
+                                 "An output format that does not exist"),
                 "unknown-model": _ex(_wai_err(5007, "No such model @cf/meta/llama-3-8b-instruct or task"),
                                      "A model this server does not serve"),
                 "not-ready": _ex(_wai_err(3039, "AiError: AiError: Finetune is missing required files "

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import bad_input
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
+from gemlora.structured.output_format import OutputFormat, OutputFormatError, from_guided_json, from_response_format
 
 DEFAULT_MAX_TOKENS = 256             # both dialects (Workers AI's schema default)
 WORKERS_AI_TEMPERATURE = 0.6         # Workers AI's documented default
@@ -53,6 +54,7 @@ class GenerateRequest:
     include_usage: bool = True           # OpenAI stream_options.include_usage; Workers AI always sends usage
     reject_if_busy: bool = False         # Workers AI options.rejectIfBusy: 3040 / 429 instead of queueing
     ignored_fields: tuple[str, ...] = ()  # top-level keys neither dialect knows: logged, never silently dropped
+    output_format: OutputFormat | None = None   # JSON mode / a JSON schema the output must follow
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -233,12 +235,9 @@ class _RunCommon(BaseModel):
     options: _RunOptions = None
 
 
-# Fields of newer Workers AI text-generation schemas that change what the model must produce. Until
-# gemlora implements them they are refused (5006 naming the field), never accepted and ignored.
+# Fields of newer Workers AI text-generation schemas that change what the model must produce and that
+# gemlora does not implement: refused (5006 naming the field), never accepted and ignored.
 _RUN_UNSUPPORTED = (
-    ("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
-     "JSON mode (response_format json_object / json_schema) is not supported by this server yet"),
-    ("guided_json", lambda v: False, "guided JSON output is not supported by this server yet"),
     ("tools", lambda v: v == [], "tool calling is not supported by this server"),
     ("functions", lambda v: v == [], "embedded function calling is not supported by this server"),
 )
@@ -255,7 +254,16 @@ class _RunMessages(_RunCommon):
 
 
 _RUN_FIELDS = (set(_RunPrompt.model_fields) | set(_RunMessages.model_fields)
-               | {name for name, _, _ in _RUN_UNSUPPORTED})
+               | {name for name, _, _ in _RUN_UNSUPPORTED} | {"response_format", "guided_json"})
+
+
+def output_format(data: dict) -> OutputFormat | None:
+    """`response_format` or `guided_json` (not both) -> OutputFormat; OutputFormatError for a bad one."""
+    fmt = from_response_format(data.get("response_format"))
+    guided = from_guided_json(data.get("guided_json"))
+    if fmt is not None and guided is not None:
+        raise OutputFormatError("give response_format or guided_json, not both", "guided_json")
+    return fmt or guided
 
 _ONEOF_NONE = ("Error: oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
                "required properties at '/' are 'messages'")
@@ -293,6 +301,10 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
     for name, ok, why in _RUN_UNSUPPORTED:
         if name in data and not ok(data[name]):
             raise bad_input(f"'/{name}' {why}", f"/{name}")
+    try:
+        fmt = output_format(data)
+    except OutputFormatError as exc:
+        raise bad_input(f"'/{exc.field}' {exc}", f"/{exc.field}") from None
 
     fields = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
     options = {"max_tokens": run.max_tokens, "temperature": run.temperature, "stop": run.stop}
@@ -306,7 +318,7 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
 
     common = dict(stream=run.stream, params=params, lora=run.lora, lora_scale=lora_scale,
                   reject_if_busy=bool(run.options and run.options.rejectIfBusy),
-                  ignored_fields=tuple(sorted(set(data) - _RUN_FIELDS)))
+                  ignored_fields=tuple(sorted(set(data) - _RUN_FIELDS)), output_format=fmt)
     if has_prompt:
         return GenerateRequest(prompt=run.prompt, messages=None, raw=run.raw, **common)
     messages = tuple({"role": m.role, "content": m.content} for m in run.messages)

@@ -2,8 +2,8 @@
 
 Resolves the request's finetune for the calling account (its own or a public one) into a
 registered adapter, builds the Gemma prompt (chat turns, or `raw` as is), tokenizes, applies the
-context-window rule (prompt tokens + max_tokens, Workers AI's 5021) and streams the engine's
-chunks. Raises ApiError for everything the caller got wrong. Knows no HTTP objects and no KV blocks.
+context-window rule (prompt tokens + max_tokens, Workers AI's 5021), compiles the output format
+(JSON mode or a schema) into the request's grammar, and streams the engine's chunks. Raises ApiError for everything the caller got wrong. Knows no HTTP objects and no KV blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from gemlora.finetunes.store import FinetuneStore
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError
+from gemlora.structured.json_grammars import JsonGrammars
+from gemlora.structured.output_format import OutputFormatError
 from gemlora.text.chat import format_chat, format_prompt
 
 log = logging.getLogger("gemlora.api")
@@ -38,6 +40,9 @@ class TextGeneration:
     def __init__(self, engine: AsyncEngine, store: FinetuneStore):
         self.engine = engine
         self.store = store
+        tokenizer = engine.tokenizer
+        self.grammars = JsonGrammars(tokenizer.to_json, engine.model_config.vocab_size,
+                                     sorted(engine.engine.stop_token_ids))
 
     async def adapter_for(self, account: str, lora: str | None) -> str | None:
         """The registry id of the account's finetune named or numbered `lora`."""
@@ -79,8 +84,15 @@ class TextGeneration:
             raise capacity_exceeded()
         adapter_id = await self.adapter_for(account, req.lora)
         ids = self.prompt_ids(req)
+        constraint = None
+        if req.output_format is not None:
+            try:      # salted by account, as the prefix cache: no tenant learns another's schemas by timing
+                constraint = await asyncio.to_thread(self.grammars.constraint, req.output_format, account)
+            except OutputFormatError as exc:
+                raise bad_input(f"'/{exc.field}' {exc}", exc.field) from exc
         # Salted by account: tenants never share cached prefixes (nor learn of each other's through timing)
-        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account)
+        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account,
+                                   constraint=constraint)
         try:
             first = await gen.__anext__()
         except InvalidRequestError as exc:

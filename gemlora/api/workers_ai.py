@@ -15,6 +15,7 @@ TextGeneration/FinetuneStore interfaces; nothing of the engine's insides.
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -53,7 +54,21 @@ async def run(account_id: str, model: str, request: Request):
                                  headers={"cache-control": "no-cache"})
     text = await collect(request, chunks, record)
     last = record.last
-    return envelope({"response": text, "usage": usage(last.prompt_tokens, last.completion_tokens)})
+    response = text
+    if req.output_format is not None and req.output_format.field == "response_format":
+        response = _json_mode_response(text, last.finish_reason)
+    return envelope({"response": response, "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+def _json_mode_response(text: str, finish_reason) -> object:
+    """In JSON mode Workers AI answers `response` as the JSON value itself, not as text. The grammar makes
+    every complete output valid; one cut short (max_tokens, a stop string) cannot be parsed."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        why = (finish_reason.value if finish_reason else "unknown")
+        raise bad_input(f"JSON Mode couldn't be met: the output ended (finish reason {why}) before its JSON "
+                        "value was complete; raise max_tokens", "max_tokens") from None
 
 
 async def _sse(chunks, record, request_id: str):

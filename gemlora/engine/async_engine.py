@@ -28,6 +28,7 @@ from typing import AsyncIterator
 
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import EngineStats, LLMEngine
+from gemlora.engine.token_masks import TokenConstraint
 from gemlora.lora.adapter import LoRAAdapter
 from gemlora.lora.registry import AdapterRef, AdapterRegistry
 from gemlora.model.loader import load_model
@@ -165,9 +166,11 @@ class AsyncEngine:
     # ---- generation --------------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None,
-                       lora_scale: float = 1.0, cache_salt: str | None = None) -> AsyncIterator[GenerationChunk]:
+                       lora_scale: float = 1.0, cache_salt: str | None = None,
+                       constraint: TokenConstraint | None = None) -> AsyncIterator[GenerationChunk]:
         """Streams chunks until the request finishes. `lora` is an adapter's name or id; only requests
-        with the same `cache_salt` share cached prefixes (the API passes the account). Raises
+        with the same `cache_salt` share cached prefixes (the API passes the account); `constraint` is
+        the grammar the output must follow, made for this request alone. Raises
         InvalidRequestError / UnknownAdapterError / AdapterError before anything runs, and
         EngineDeadError when the engine loop is not running."""
         self._check_alive()
@@ -178,7 +181,8 @@ class AsyncEngine:
             ref, adapter = await asyncio.to_thread(self.registry.acquire, lora)
         try:
             self.engine.validate(prompt_ids, adapter, lora_scale)
-            async for chunk in self._run(request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt):
+            async for chunk in self._run(request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt,
+                                         constraint):
                 yield chunk
         finally:
             # Released before the engine has seen the abort: the Request still references the weights,
@@ -188,14 +192,14 @@ class AsyncEngine:
 
     async def _run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None,
                    adapter: LoRAAdapter | None, lora_scale: float,
-                   cache_salt: str | None) -> AsyncIterator[GenerationChunk]:
+                   cache_salt: str | None, constraint: TokenConstraint | None) -> AsyncIterator[GenerationChunk]:
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=list(params.stop))
         finished = False
         try:
             self._check_alive()       # the loop may have died since generate() checked
-            self._post(("add", request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt))
+            self._post(("add", request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt, constraint))
             while not finished:
                 out = await stream.get()
                 if out.refusal is not None:
@@ -274,11 +278,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt = msg
+                _, request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt, constraint = msg
                 if request_id in self._streams:   # not already abandoned by its caller
                     try:
                         self.engine.add_request(prompt_ids, params, request_id, adapter_id=ref and ref.id,
-                                                adapter=adapter, lora_scale=lora_scale, cache_salt=cache_salt)
+                                                adapter=adapter, lora_scale=lora_scale, cache_salt=cache_salt,
+                                                constraint=constraint)
                     except InvalidRequestError as exc:      # refused: the caller's fault, tell it so
                         self._deliver(RequestOutput(request_id, [], True, FinishReason.ERROR, len(prompt_ids), 0,
                                                     refusal=exc))

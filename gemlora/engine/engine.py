@@ -19,6 +19,7 @@ from gemlora.config import EngineConfig
 from gemlora.engine.runner import ModelRunner
 from gemlora.engine.sampler import SamplingRow, sample
 from gemlora.engine.scheduler import Scheduler
+from gemlora.engine.token_masks import TokenConstraint, TokenMasks
 from gemlora.lora.slots import LoRASlots
 from gemlora.model.gemma import GemmaForCausalLM
 from gemlora.request import Request, RequestOutput
@@ -63,6 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.adapter_aging_steps)
         self.stop_token_ids = stop_token_ids
+        self.token_masks = TokenMasks(model.cfg.vocab_size)
         self.failed_steps = 0
         # A request must fit the whole KV cache on its own, or preemption could never make room for it.
         limit = min(model.cfg.max_position_embeddings, num_blocks * config.block_size)
@@ -70,13 +72,15 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, *,
                     adapter_id: str | None = None, adapter: LoRAAdapter | None = None,
-                    lora_scale: float = 1.0, cache_salt: str | None = None) -> str:
+                    lora_scale: float = 1.0, cache_salt: str | None = None,
+                    constraint: TokenConstraint | None = None) -> str:
         """`adapter` (validated weights) under its stable `adapter_id`, or neither for the base model.
-        Only requests with the same `cache_salt` share cached prefixes."""
+        Only requests with the same `cache_salt` share cached prefixes. `constraint`: the grammar its
+        output must follow (fresh, for this request alone)."""
         self.validate(prompt_ids, adapter, lora_scale)
         request_id = request_id or uuid.uuid4().hex
         self.scheduler.add(Request(request_id, prompt_ids, params, self.stop_token_ids, self.max_model_len,
-                                   adapter_id, adapter, lora_scale, cache_salt))
+                                   adapter_id, adapter, lora_scale, cache_salt, constraint))
         return request_id
 
     def validate(self, prompt_ids: list[int], adapter: LoRAAdapter | None = None, lora_scale: float = 1.0) -> None:
@@ -118,13 +122,19 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        masks = None
         try:
+            # the grammars' masks are filled on a worker thread while the model runs
+            masks = self.token_masks.start([r.constraint for i, r in enumerate(batch.requests) if batch.samples(i)])
             logits, rows = self.runner.run(batch)
             reqs = [batch.requests[i] for i in rows]
-            tokens = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs])
+            tokens = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs],
+                            masks.result() if masks else None)
         except Exception as exc:   # only this batch fails; waiting requests and the engine go on
             log.exception("engine step failed; ending the %d requests of its batch", len(batch.requests))
             self.failed_steps += 1
+            if masks is not None:
+                masks.exception()        # a grammar must not be touched by a late fill once its request ends
             return self.scheduler.fail(batch.requests, f"engine step failed: {exc!r}")
         sampled: list[int | None] = [None] * len(batch.requests)
         for i, t in zip(rows, tokens):

@@ -3,7 +3,10 @@
 Order as in vLLM: penalties (repetition over prompt + output; frequency and presence over the
 output), then temperature, top-k, top-p, and a draw by inverse CDF with a uniform number from the
 request's own generator, so a seeded request gets the same tokens whatever shares its batch.
-Temperature 0 is greedy (argmax). Works on flat logits; knows requests only through `SamplingRow`.
+Temperature 0 is greedy (argmax). Rows with an output grammar have every token it forbids set to
+-inf first (`masks`, from TokenMasks), so penalties, temperature, top-k/top-p and the draw see only
+allowed tokens, and rows without one are untouched. Works on flat logits; knows requests only
+through `SamplingRow`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemlora.kernels.token_mask import apply_token_bitmask
 from gemlora.sampling import SamplingParams
 
 
@@ -23,18 +27,32 @@ class SamplingRow:
     output_ids: list[int]
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """logits: float32 [N, vocab], one row per entry of `rows`."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           masks: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
+    """logits: float32 [N, vocab], one row per entry of `rows`; masks: (row indices, int32 bitmask)."""
     if not rows:
         return []
+    if masks is not None:
+        idx, bitmask = masks
+        with torch.inference_mode():      # in place: the logits are this step's own (an inference tensor)
+            masked = logits[idx].contiguous()
+            apply_token_bitmask(masked, bitmask)
+            logits[idx] = masked
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
     greedy = [r.params.greedy for r in rows]
     tokens = logits.max(dim=-1).indices   # first maximum, like argmax, but several times faster on CPU
-    if not all(greedy):
-        idx = [i for i, g in enumerate(greedy) if not g]
-        tokens[idx] = _sample_rows(logits[idx], [rows[i] for i in idx])
+    # Rows that keep every token draw from the vocabulary in its own order, the others from their sorted
+    # candidates: each row's draw depends on its own options alone, whatever shares the batch.
+    for sorted_draw in (False, True):
+        idx = [i for i, r in enumerate(rows) if not greedy[i] and _needs_sort(r.params) == sorted_draw]
+        if idx:
+            tokens[idx] = _sample_rows(logits[idx], [rows[i] for i in idx])
     return tokens.tolist()
+
+
+def _needs_sort(p: SamplingParams) -> bool:
+    return p.top_k is not None or p.top_p < 1
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -75,5 +75,9 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (for libraries that build their own view of it)."""
+        return self._tk.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)

@@ -33,3 +33,6 @@ void bind_decode_stack(pybind11::module& m);
 // rope.cpp: rotate-half rotary embedding of float32 [T, heads, D], after an optional per-head RMSNorm
 torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tensor>& scale, double eps,
                         const torch::Tensor& cos, const torch::Tensor& sin);
+
+// token_mask.cpp: logits[r, v] = -inf where bit v of row r's int32 bitmask is 0 (in place)
+void apply_token_bitmask(torch::Tensor& logits, const torch::Tensor& mask);

@@ -1,0 +1,40 @@
+"""A grammar's token bitmask applied to logits: the C++ CPU kernel (cpu/token_mask.cpp) and its reference.
+
+    logits[r, v] = -inf  where bit (v % 32) of mask[r, v // 32] is 0        (in place)
+
+The mask is int32 [rows, ceil(vocab / 32)], the layout grammar libraries (llguidance, xgrammar) fill;
+tokens past its last word are disallowed. Knows tensors only: nothing of grammars or requests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemlora.kernels.build import extension
+
+
+def mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [rows, words] -> bool [rows, vocab_size], True where the token is allowed."""
+    bits = (mask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=mask.device)) & 1
+    allowed = bits.reshape(mask.shape[0], -1).bool()[:, :vocab_size]
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.cat([allowed, allowed.new_zeros(mask.shape[0], vocab_size - allowed.shape[1])], dim=1)
+    return allowed
+
+
+def reference_apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    logits.masked_fill_(~unpack(mask, logits.shape[1]), float("-inf"))
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place. The kernel for contiguous float32 on the CPU, the reference elsewhere."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous():
+        ext = extension()
+        if ext is not None:
+            ext.apply_token_bitmask(logits, mask.to(torch.int32))
+            return
+    reference_apply_token_bitmask(logits, mask.to(logits.device))
