@@ -17,6 +17,7 @@ import torch
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
 if TYPE_CHECKING:
+    from gemlora.engine.sampler import TokenLogprobs
     from gemlora.engine.token_masks import TokenConstraint
     from gemlora.lora.adapter import LoRAAdapter
 
@@ -102,3 +103,4 @@ class RequestOutput:
     num_cached_tokens: int = 0                    # prompt tokens whose K/V came from the prefix cache
     error: str | None = None                      # the engine failed while running it (not its fault)
     refusal: InvalidRequestError | None = None    # the engine refused it (the caller's fault)
+    logprobs: list[TokenLogprobs] | None = None   # per new token, when its params ask for them

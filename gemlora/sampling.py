@@ -1,13 +1,16 @@
 """SamplingParams: the per-request generation options, validated where they are made.
 
 Ranges follow Workers AI's text-generation schema (temperature 0-5, top_p 0-2, top_k 1-50,
-seed 1-9999999999, penalties 0-2). Out-of-range values raise `InvalidRequestError`; nothing is
+seed 1-9999999999, penalties 0-2); `logprobs` asks for the chosen token's log-probability and up to
+MAX_LOGPROBS alternatives (OpenAI's top_logprobs limit). Out-of-range values raise `InvalidRequestError`; nothing is
 clamped silently. Knows nothing of tokens' meaning, the engine or HTTP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20       # alternatives per token: OpenAI's top_logprobs limit
 
 
 class InvalidRequestError(ValueError):
@@ -47,6 +50,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     extra_stop_token_ids: tuple[int, ...] = field(default=())
+    logprobs: int | None = None        # None: none; n: the chosen token's log-probability and the n most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -63,6 +67,9 @@ class SamplingParams:
         _check_range("repetition_penalty", self.repetition_penalty, 0, 2, lo_open=True)
         _check_range("frequency_penalty", self.frequency_penalty, 0, 2)
         _check_range("presence_penalty", self.presence_penalty, 0, 2)
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)):
+            raise InvalidRequestError(f"logprobs must be an integer, got {self.logprobs!r}", "logprobs")
+        _check_range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings", "stop")
 

@@ -403,7 +403,11 @@ def test_model_is_required(parse, base):
     ({"model": "m", "messages": USER, "stream": "yes"}, "stream", None),
     ({"model": "m", "messages": USER, "stream_options": {"include_usage": "y"}}, "stream_options.include_usage",
      None),
-    ({"model": "m", "messages": USER, "logprobs": True}, "logprobs", None),
+    ({"model": "m", "messages": USER, "logprobs": "yes"}, "logprobs", None),
+    ({"model": "m", "messages": USER, "top_logprobs": 3}, "top_logprobs",
+     "Invalid 'top_logprobs': logprobs must be set to true when top_logprobs is given."),
+    ({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "Invalid 'top_logprobs': expected a value <= 20, but got 21 instead."),
     ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
     ({"model": "m", "messages": USER, "response_format": {"type": "json_objekt"}}, "response_format", None),
     ({"model": "m", "messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", None),
@@ -417,9 +421,22 @@ def test_openai_chat_errors_name_the_param(obj, param, message):
 
 
 def test_openai_completion_only_options_are_refused():
-    for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"logprobs": 2}):
+    for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"top_logprobs": 2}):
         err = openai_error(parse_completion, {"model": "m", "prompt": "p", **extra})
         assert err.param == next(iter(extra))
+
+
+def test_logprobs_become_the_number_of_alternatives():
+    chat = {"model": "m", "messages": USER}
+    assert parse_chat_completion(json.dumps(chat).encode())[1].params.logprobs is None
+    assert parse_chat_completion(json.dumps({**chat, "logprobs": False}).encode())[1].params.logprobs is None
+    assert parse_chat_completion(json.dumps({**chat, "logprobs": True}).encode())[1].params.logprobs == 0
+    both = {**chat, "logprobs": True, "top_logprobs": 20}
+    assert parse_chat_completion(json.dumps(both).encode())[1].params.logprobs == 20
+    completion = {"model": "m", "prompt": "p"}
+    assert parse_completion(json.dumps({**completion, "logprobs": 5}).encode())[1].params.logprobs == 5
+    assert parse_completion(json.dumps({**completion, "logprobs": 0}).encode())[1].params.logprobs == 0
+    assert parse_completion(json.dumps({**completion, "logprobs": None}).encode())[1].params.logprobs is None
 
 
 @pytest.mark.parametrize("raw", [b"", b"nope", b"[]", b'"x"'])

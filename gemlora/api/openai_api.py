@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from gemlora.api.disconnect import collect
 from gemlora.api.errors import ApiError
+from gemlora.api.openai_logprobs import Logprobs
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, openai_usage, sse
@@ -66,33 +67,56 @@ async def _complete(request: Request, chat: bool):
     chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     oid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    logprobs = Logprobs(ctx.textgen.engine.tokenizer, chat) if req.params.logprobs is not None else None
     if req.stream:
-        return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage),
+        return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage, logprobs),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    content = await collect(request, chunks, record)
+    kept: list = []
+    content = await collect(request, _keeping_logprobs(chunks, kept), record)
     last = record.last
+    rendered = logprobs.render(kept) if logprobs is not None else None
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
-              else {"index": 0, "text": content, "logprobs": None})
+              else {"index": 0, "text": content, "logprobs": rendered})
+    if chat and logprobs is not None:
+        choice["logprobs"] = rendered
     choice["finish_reason"] = _finish(last)
     return {"id": oid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice],
             "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)}
 
 
-async def _stream(chunks, record, oid, created, model, chat, include_usage):
+async def _keeping_logprobs(chunks, kept: list):
+    """The chunks, passed on, with their logprobs gathered into `kept`."""
+    try:
+        async for chunk in chunks:
+            kept.extend(chunk.logprobs or ())
+            yield chunk
+    finally:
+        await chunks.aclose()
+
+
+async def _stream(chunks, record, oid, created, model, chat, include_usage, logprobs: Logprobs | None):
     obj = "chat.completion.chunk" if chat else "text_completion"
+    pending: list = []     # logprobs of tokens whose text has not been sent yet (held back by the detokenizer)
 
     def frame(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        rendered = None
+        if logprobs is not None:
+            rendered = logprobs.render(pending) if pending or not chat else None
+            pending.clear()
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if rendered is not None:
+                choice["logprobs"] = rendered
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": rendered, "finish_reason": finish}
         return sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [choice]})
 
     first = True
     try:
         async for chunk in chunks:
+            pending.extend(chunk.logprobs or ())
             if record.chunk(chunk).text or first:
                 yield frame(chunk.text, None, first)
                 first = False

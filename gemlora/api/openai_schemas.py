@@ -103,10 +103,13 @@ class _OpenAICommon(BaseModel):
 
 class _Chat(_OpenAICommon):
     messages: list[_ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: Int | None = None
 
 
 class _Completion(_OpenAICommon):
     prompt: Any
+    logprobs: Int | None = None              # the number of alternatives per token, 0 to MAX_LOGPROBS
     raw: Raw | None = None                   # extension: false applies the chat template to the prompt
 
     @field_validator("prompt")
@@ -138,8 +141,6 @@ def _off(value: Any) -> bool:
 _UNSUPPORTED = (
     ("n", lambda v: v is None or v == 1, "only n=1 is supported"),
     ("best_of", lambda v: v is None or (v == 1 and not isinstance(v, bool)), "only best_of=1 is supported"),
-    ("logprobs", _off, "logprobs are not supported"),
-    ("top_logprobs", _off, "logprobs are not supported"),
     ("echo", _off, "echo is not supported"),
     ("suffix", _off, "suffix is not supported"),
     ("logit_bias", _off, "logit_bias is not supported"),
@@ -157,6 +158,11 @@ _UNSUPPORTED = (
     ("guided_grammar", _off, "guided decoding is not supported by this server yet"),
 )
 
+_COMPLETION_UNSUPPORTED = (
+    ("top_logprobs", _off, "completions take the number of alternatives in logprobs; top_logprobs is a chat "
+                           "completions option"),
+)
+
 # OpenAI fields that describe the call rather than the output: accepted, with no effect on generation.
 _METADATA = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
@@ -164,8 +170,12 @@ _METADATA = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
     """OpenAI `POST /v1/chat/completions` body -> (model, GenerateRequest), or ApiError 5006 with `param`."""
     req, data = _parse_openai(body, _Chat, max_length)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(5006, 400, "Invalid 'top_logprobs': logprobs must be set to true when top_logprobs is "
+                                  "given.", param="top_logprobs")
     messages = tuple({"role": m.role, "content": m.content} for m in req.messages)
-    return req.model, _openai_request(req, data, prompt=None, messages=messages, raw=False)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return req.model, _openai_request(req, data, prompt=None, messages=messages, raw=False, logprobs=logprobs)
 
 
 def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -175,8 +185,11 @@ def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str
     extension field `raw` is false. `prompt` is a string or an array of exactly one string.
     """
     req, data = _parse_openai(body, _Completion, max_length)
+    for name, ok, why in _COMPLETION_UNSUPPORTED:
+        if not ok(data.get(name)):
+            raise ApiError(5006, 400, f"Invalid '{name}': {why}, got {json.dumps(data.get(name))}.", param=name)
     raw = True if req.raw is None else req.raw
-    return req.model, _openai_request(req, data, prompt=req.prompt, messages=None, raw=raw)
+    return req.model, _openai_request(req, data, prompt=req.prompt, messages=None, raw=raw, logprobs=req.logprobs)
 
 
 def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
@@ -199,7 +212,7 @@ def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
     return req, data
 
 
-def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) -> GenerateRequest:
+def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw, logprobs: int | None) -> GenerateRequest:
     if (req.max_tokens is not None and req.max_completion_tokens is not None
             and req.max_tokens != req.max_completion_tokens):
         raise ApiError(5006, 400, "Invalid 'max_tokens': give max_tokens or max_completion_tokens, "
@@ -215,7 +228,7 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
     # accepted on both dialects for parity. Default 1.0, as OpenAI. top_p likewise 0..2.
     options = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
                "temperature": OPENAI_TEMPERATURE if req.temperature is None else req.temperature,
-               "stop": req.stop, "ignore_eos": bool(req.ignore_eos)}
+               "stop": req.stop, "ignore_eos": bool(req.ignore_eos), "logprobs": logprobs}
     for name in ("top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty"):
         if getattr(req, name) is not None:
             options[name] = getattr(req, name)
@@ -226,6 +239,8 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
         field = exc.field
         if field == "max_tokens" and req.max_completion_tokens is not None:
             field = "max_completion_tokens"
+        if field == "logprobs" and messages is not None:
+            field = "top_logprobs"              # chat's logprobs is a boolean; the count is top_logprobs
         value = req.lora_scale if field == "lora_scale" else options.get(exc.field)
         raise ApiError(5006, 400, _openai_range_text(exc, field, value), param=field) from None
     try:
@@ -233,7 +248,8 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw) ->
     except OutputFormatError as exc:
         raise ApiError(5006, 400, f"Invalid '{exc.field}': {exc}.", param=exc.field) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    known = (set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED} | set(_METADATA)
+    known = (set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED}
+             | set(_METADATA)
              | {"response_format", "guided_json"})
     return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
                            lora=req.lora, lora_scale=lora_scale, include_usage=include_usage,

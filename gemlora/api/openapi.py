@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from gemlora.api.openai_schemas import MAX_STOP, OPENAI_ROLES
 from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
 from gemlora.finetunes.files import ASSET_NAMES
+from gemlora.sampling import MAX_LOGPROBS
 
 WORKERS_AI_PREFIXES = ("", "/client/v4")                       # where app.py mounts the Workers AI router
 OPENAI_PREFIXES = ("", "/client/v4/accounts/{account_id}/ai", "/accounts/{account_id}/ai")
@@ -46,6 +47,32 @@ RESPONSE_FORMAT = {
 GUIDED_JSON = {"anyOf": [{"type": "object"}, {"type": "string"}],
                "description": "A JSON schema (or a string holding one) the output must follow; `response` stays "
                               "text. Not together with `response_format`."}
+
+# logprobs on the OpenAI routes (gemlora.api.openai_logprobs): -9999.0 stands for a token the distribution excludes.
+_LOGPROB = {"type": "number", "minimum": -9999.0, "maximum": 0}
+_TOKEN_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"],
+                  "properties": {"token": {"type": "string"}, "logprob": _LOGPROB,
+                                 "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}
+CHAT_LOGPROBS = {
+    "type": "object", "required": ["content"],
+    "properties": {"content": {"type": "array", "items": {
+        **_TOKEN_LOGPROB, "required": [*_TOKEN_LOGPROB["required"], "top_logprobs"],
+        "properties": {**_TOKEN_LOGPROB["properties"],
+                       "top_logprobs": {"type": "array", "maxItems": MAX_LOGPROBS, "items": _TOKEN_LOGPROB}}}},
+                   "refusal": {"type": "null"}},
+    "description": "Per output token (a final stop token left out): its log-probability under the distribution it "
+                   "was drawn from (after penalties, temperature, top-k/top-p and any JSON grammar), and the "
+                   "`top_logprobs` most likely tokens, most likely first."}
+TEXT_LOGPROBS = {
+    "type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                   "token_logprobs": {"type": "array", "items": _LOGPROB},
+                   "top_logprobs": {"type": "array", "items": {"type": "object", "maxProperties": MAX_LOGPROBS,
+                                                               "additionalProperties": _LOGPROB}},
+                   "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    "description": "The legacy columns, per output token: `logprobs` alternatives in each `top_logprobs` entry; "
+                   "`text_offset` counts characters of the completion, across a stream's chunks."}
+
 
 def _ref(kind: str, name: str) -> dict:
     return {"$ref": f"{_REF}{kind}/{name}"}
@@ -193,7 +220,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
         "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 10, "description": "Extension."}),
         "ignore_eos": _nullable({"type": "boolean", "description": "Extension (as vLLM's): keep generating "
                                                                    "past end-of-sequence, up to max_tokens."}),
-        **{name: off for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
+        **{name: off for name in ("echo", "suffix", "logit_bias", "tools", "functions",
                                   "audio", "prediction", "web_search_options", "reasoning_effort",
                                   "guided_regex", "guided_choice", "guided_grammar")},
         "response_format": _nullable(RESPONSE_FORMAT),
@@ -207,6 +234,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
     # A finetune as `model` and another one in `lora` would be two adapters: with `lora`, `model` is a served name.
     lora_needs_base = {"if": {"required": ["lora"], "properties": {"lora": {"type": "string"}}},
                        "then": {"properties": {"model": {"enum": names}}}}
+    top_needs_logprobs = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+                          "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
     chat_message = {"type": "object", "required": ["role", "content"],
@@ -307,8 +336,13 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                     "contentMediaType": "application/octet-stream",
                                     "description": "The file's bytes, as a file part (with a filename)."}}},
         "ChatCompletionRequest": {
-            "type": "object", "required": ["model", "messages"], **lora_needs_base,
-            "properties": {"messages": {"type": "array", "minItems": 1, "items": chat_message}, **oai_common},
+            "type": "object", "required": ["model", "messages"], "allOf": [lora_needs_base, top_needs_logprobs],
+            "properties": {"messages": {"type": "array", "minItems": 1, "items": chat_message}, **oai_common,
+                           "logprobs": _nullable({"type": "boolean", "description": "Return each output token's "
+                                                                                   "log-probability."}),
+                           "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                                                      "description": "Alternatives per token; needs logprobs "
+                                                                     "true."})},
             "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
         "CompletionRequest": {
             "type": "object", "required": ["model", "prompt"], **lora_needs_base,
@@ -317,7 +351,11 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                       "description": "One text prompt (token-id prompts are refused)."},
                            "raw": {"enum": [None, True, False, "true", "false"],
                                    "description": "Extension: false applies the chat template (default: raw)."},
-                           **oai_common},
+                           **oai_common,
+                           "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                                                  "description": "Return each output token's log-probability and "
+                                                                 "this many alternatives."}),
+                           "top_logprobs": {**off, "description": "A chat option: refused unless off here."}},
             "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
         "ChatCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -326,6 +364,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                            "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
                                "type": "object", "required": ["index", "message", "finish_reason"],
                                "properties": {"index": {"const": 0}, "finish_reason": finish,
+                                              "logprobs": CHAT_LOGPROBS,
                                               "message": {"type": "object", "required": ["role", "content"],
                                                           "properties": {"role": {"const": "assistant"},
                                                                          "content": {"type": "string"}}}}}},
@@ -337,7 +376,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                            "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
                                "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
                                "properties": {"index": {"const": 0}, "text": {"type": "string"},
-                                              "logprobs": {"type": "null"}, "finish_reason": finish}}},
+                                              "logprobs": {"anyOf": [{"type": "null"}, TEXT_LOGPROBS]},
+                                              "finish_reason": finish}}},
                            "usage": _ref("schemas", "OpenAIUsage")}},
         "ChatCompletionEvent": _openai_event({
             "type": "object", "required": ["id", "object", "created", "model", "choices"],
@@ -346,6 +386,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                "type": "object", "required": ["index", "delta", "finish_reason"],
                                "properties": {"index": {"const": 0},
                                               "finish_reason": {"enum": [None, "stop", "length"]},
+                                              "logprobs": CHAT_LOGPROBS,
                                               "delta": {"type": "object", "additionalProperties": False,
                                                         "properties": {"role": {"const": "assistant"},
                                                                        "content": {"type": "string"}}}}}},
@@ -356,7 +397,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                            "choices": {"type": "array", "maxItems": 1, "items": {
                                "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
                                "properties": {"index": {"const": 0}, "text": {"type": "string"},
-                                              "logprobs": {"type": "null"},
+                                              "logprobs": {"anyOf": [{"type": "null"}, TEXT_LOGPROBS]},
                                               "finish_reason": {"enum": [None, "stop", "length"]}}}},
                            "usage": _ref("schemas", "OpenAIUsage")}}),
         "ModelList": {

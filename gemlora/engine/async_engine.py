@@ -28,6 +28,7 @@ from typing import AsyncIterator
 
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import EngineStats, LLMEngine
+from gemlora.engine.sampler import TokenLogprobs
 from gemlora.engine.token_masks import TokenConstraint
 from gemlora.lora.adapter import LoRAAdapter
 from gemlora.lora.registry import AdapterRef, AdapterRegistry
@@ -58,6 +59,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0         # prompt tokens whose K/V came from the prefix cache
+    logprobs: list[TokenLogprobs] | None = None   # per token of token_ids (a final stop token left out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,8 @@ class AsyncEngine:
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=list(params.stop))
+        stop_ids = frozenset(params.extra_stop_token_ids) | (frozenset() if params.ignore_eos
+                                                             else self.engine.stop_token_ids)
         finished = False
         try:
             self._check_alive()       # the loop may have died since generate() checked
@@ -213,8 +217,11 @@ class AsyncEngine:
                     finished, reason = True, FinishReason.STOP
                 if finished and not detok.stopped:
                     text += detok.flush()
-                yield GenerationChunk(text, out.new_token_ids, finished, reason,
-                                      out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
+                logprobs = out.logprobs
+                if logprobs and finished and logprobs[-1].token in stop_ids:
+                    logprobs = logprobs[:-1]          # the stop token is not part of the output's text
+                yield GenerationChunk(text, out.new_token_ids, finished, reason, out.num_prompt_tokens,
+                                      out.num_output_tokens, out.num_cached_tokens, logprobs)
         finally:
             self._streams.pop(request_id, None)
             if not finished:

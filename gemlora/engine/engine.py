@@ -17,7 +17,7 @@ from gemlora.cache.block_manager import BlockManager
 from gemlora.cache.kv_cache import allocate_kv_cache, blocks_for_budget
 from gemlora.config import EngineConfig
 from gemlora.engine.runner import ModelRunner
-from gemlora.engine.sampler import SamplingRow, sample
+from gemlora.engine.sampler import SamplingRow, TokenLogprobs, sample
 from gemlora.engine.scheduler import Scheduler
 from gemlora.engine.token_masks import TokenConstraint, TokenMasks
 from gemlora.lora.slots import LoRASlots
@@ -128,7 +128,7 @@ class LLMEngine:
             masks = self.token_masks.start([r.constraint for i, r in enumerate(batch.requests) if batch.samples(i)])
             logits, rows = self.runner.run(batch)
             reqs = [batch.requests[i] for i in rows]
-            tokens = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs],
+            tokens, logprobs = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs],
                             masks.result() if masks else None)
         except Exception as exc:   # only this batch fails; waiting requests and the engine go on
             log.exception("engine step failed; ending the %d requests of its batch", len(batch.requests))
@@ -137,6 +137,7 @@ class LLMEngine:
                 masks.exception()        # a grammar must not be touched by a late fill once its request ends
             return self.scheduler.fail(batch.requests, f"engine step failed: {exc!r}")
         sampled: list[int | None] = [None] * len(batch.requests)
-        for i, t in zip(rows, tokens):
-            sampled[i] = t
-        return self.scheduler.postprocess(batch, sampled)
+        sampled_logprobs: list[TokenLogprobs | None] = [None] * len(batch.requests)
+        for i, t, lp in zip(rows, tokens, logprobs):
+            sampled[i], sampled_logprobs[i] = t, lp
+        return self.scheduler.postprocess(batch, sampled, sampled_logprobs)

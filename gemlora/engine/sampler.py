@@ -5,8 +5,13 @@ output), then temperature, top-k, top-p, and a draw by inverse CDF with a unifor
 request's own generator, so a seeded request gets the same tokens whatever shares its batch.
 Temperature 0 is greedy (argmax). Rows with an output grammar have every token it forbids set to
 -inf first (`masks`, from TokenMasks), so penalties, temperature, top-k/top-p and the draw see only
-allowed tokens, and rows without one are untouched. Works on flat logits; knows requests only
-through `SamplingRow`.
+allowed tokens, and rows without one are untouched.
+
+Rows whose params ask for `logprobs` also get the chosen token's log-probability and the most likely
+alternatives, read off the distribution the token was drawn from: after masks, penalties,
+temperature, top-k and top-p (renormalised over what they keep), or for greedy rows the
+log-softmax of the processed logits, as vLLM reports them. Works on flat logits; knows requests
+only through `SamplingRow`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from gemlora.kernels.token_mask import apply_token_bitmask
 from gemlora.sampling import SamplingParams
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the `top` most likely tokens (id, logprob), most likely first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass(slots=True)
 class SamplingRow:
     params: SamplingParams
@@ -27,11 +40,12 @@ class SamplingRow:
     output_ids: list[int]
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow],
-           masks: tuple[list[int], torch.Tensor] | None = None) -> list[int]:
-    """logits: float32 [N, vocab], one row per entry of `rows`; masks: (row indices, int32 bitmask)."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], masks: tuple[list[int], torch.Tensor] | None = None
+           ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: float32 [N, vocab], one row per entry of `rows`; masks: (row indices, int32 bitmask).
+    Returns each row's token, and its TokenLogprobs where its params ask for them (else None)."""
     if not rows:
-        return []
+        return [], []
     if masks is not None:
         idx, bitmask = masks
         with torch.inference_mode():      # in place: the logits are this step's own (an inference tensor)
@@ -42,13 +56,37 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
         logits = _apply_penalties(logits.clone(), rows)
     greedy = [r.params.greedy for r in rows]
     tokens = logits.max(dim=-1).indices   # first maximum, like argmax, but several times faster on CPU
+    logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+    wanted = [i for i, r in enumerate(rows) if greedy[i] and r.params.logprobs is not None]
+    if wanted:
+        _report(logprobs, wanted, rows, torch.log_softmax(logits[wanted], dim=-1), None, tokens[wanted][:, None])
     # Rows that keep every token draw from the vocabulary in its own order, the others from their sorted
     # candidates: each row's draw depends on its own options alone, whatever shares the batch.
     for sorted_draw in (False, True):
         idx = [i for i, r in enumerate(rows) if not greedy[i] and _needs_sort(r.params) == sorted_draw]
         if idx:
-            tokens[idx] = _sample_rows(logits[idx], [rows[i] for i in idx])
-    return tokens.tolist()
+            group = [rows[i] for i in idx]
+            drawn, pick, logp, candidates = _sample_rows(logits[idx], group)
+            tokens[idx] = drawn
+            wanted = [j for j, r in enumerate(group) if r.params.logprobs is not None]
+            if wanted:
+                _report(logprobs, [idx[j] for j in wanted], rows, logp[wanted],
+                        None if candidates is None else candidates[wanted], pick[wanted])
+    return tokens.tolist(), logprobs
+
+
+def _report(out: list[TokenLogprobs | None], where: list[int], rows: list[SamplingRow], logp: torch.Tensor,
+            candidates: torch.Tensor | None, pick: torch.Tensor) -> None:
+    """out[where[j]] from row j of `logp` (log-probabilities over the vocabulary, or over `candidates`),
+    whose chosen entry is pick[j, 0]."""
+    n = min(max(rows[i].params.logprobs for i in where), logp.shape[1])
+    chosen = logp.gather(1, pick)[:, 0].tolist()
+    top_lp, top_at = logp.topk(n, dim=-1) if n else (logp[:, :0], pick[:, :0])
+    top_ids = top_at if candidates is None else candidates.gather(1, top_at)
+    token = pick[:, 0] if candidates is None else candidates.gather(1, pick)[:, 0]
+    for i, t, lp, ids, lps in zip(where, token.tolist(), chosen, top_ids.tolist(), top_lp.tolist()):
+        k = rows[i].params.logprobs
+        out[i] = TokenLogprobs(t, lp, tuple(zip(ids[:k], lps[:k])))
 
 
 def _needs_sort(p: SamplingParams) -> bool:
@@ -74,7 +112,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]):
+    """-> (tokens [R], pick [R, 1], log-probabilities [R, W] of the distribution drawn from, candidates
+    [R, W] that they index, or None when they index the vocabulary)."""
     temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
     logits = logits / temps[:, None]
     top_ks = [r.params.top_k for r in rows]
@@ -98,4 +138,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
     cdf = torch.cumsum(probs, dim=-1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[1] - 1)
-    return candidates.gather(1, pick)[:, 0] if candidates is not None else pick[:, 0]
+    tokens = candidates.gather(1, pick)[:, 0] if candidates is not None else pick[:, 0]
+    if not any(r.params.logprobs is not None for r in rows):
+        return tokens, pick, None, candidates
+    # the distribution the draw used: probs renormalised by the mass top-p kept (the cdf's end)
+    logp = torch.log(probs / cdf[:, -1:]) if need_sort else torch.log_softmax(logits, dim=-1)
+    return tokens, pick, logp, candidates

@@ -27,9 +27,13 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gemlora.cache.block_manager import BlockHash, BlockManager, block_hash, prefix_root
 from gemlora.request import FinishReason, Request, RequestOutput, Status
+
+if TYPE_CHECKING:
+    from gemlora.engine.sampler import TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -124,10 +128,13 @@ class Scheduler:
         batch.running_adapters = frozenset(self.adapter_users)
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[RequestOutput]:
-        """sampled[i]: the token sampled for batch.requests[i], or None if it is still prefilling."""
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None],
+                    logprobs: list[TokenLogprobs | None] | None = None) -> list[RequestOutput]:
+        """sampled[i]: the token sampled for batch.requests[i], or None if it is still prefilling;
+        logprobs[i]: its log-probabilities, where the request asked for them."""
         outputs = []
-        for req, n, token in zip(batch.requests, batch.num_new_tokens, sampled):
+        for req, n, token, lp in zip(batch.requests, batch.num_new_tokens, sampled,
+                                     logprobs or [None] * len(sampled)):
             req.num_computed += n
             self._name_computed_blocks(req)
             if token is None:
@@ -135,7 +142,9 @@ class Scheduler:
             reason = req.append(token)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(self._output(req, [token]))
+            out = self._output(req, [token])
+            out.logprobs = None if lp is None else [lp]
+            outputs.append(out)
         return outputs
 
     def abort(self, request_id: str) -> Request | None:

@@ -81,3 +81,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to decoded text: byte-fallback pieces (`<0x0A>`) are their byte,
+        SentencePiece's word marker (U+2581) is a space; special tokens are their own text."""
+        piece = self._tk.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode()
