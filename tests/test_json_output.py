@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import start_uvicorn
+from test_quant_kernels import ISAS
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
 from gemlora.kernels.token_mask import apply_token_bitmask, reference_apply_token_bitmask
@@ -48,8 +49,9 @@ PROMPTS = ["A customer record as JSON: ", "The colours of the flag, in JSON: ", 
 
 # ---- the kernel -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("vocab", [1, 31, 32, 100, 262144])
-def test_the_token_mask_kernel_equals_its_reference(vocab):
+def test_the_token_mask_kernel_equals_its_reference(vocab, isa):
     g = torch.Generator().manual_seed(vocab)
     rows = 5
     words = (vocab + 31) // 32
@@ -62,9 +64,25 @@ def test_the_token_mask_kernel_equals_its_reference(vocab):
         logits = torch.randn(rows, vocab, generator=g)
         want = logits.clone()
         reference_apply_token_bitmask(want, m)
-        apply_token_bitmask(logits, m)
+        apply_token_bitmask(logits, m, isa=isa)
         assert torch.equal(logits, want)
         assert torch.isinf(logits[2]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_token_mask_kernel_masks_only_the_rows_it_is_given(isa):
+    g = torch.Generator().manual_seed(3)
+    vocab, rows = 1000, [4, 0, 2]
+    mask = torch.randint(-2**31, 2**31 - 1, (len(rows), (vocab + 31) // 32), dtype=torch.int32, generator=g)
+    logits = torch.randn(6, vocab, generator=g)
+    want = logits.clone()
+    reference_apply_token_bitmask(want, mask, rows)
+    apply_token_bitmask(logits, mask, rows, isa=isa)
+    assert torch.equal(logits, want)
+    untouched = [1, 3, 5]
+    assert torch.isfinite(logits[untouched]).all()
+    with pytest.raises(RuntimeError, match="outside the logits"):
+        apply_token_bitmask(logits, mask, [0, 1, 6], isa=isa)
 
 
 # ---- request fields -------------------------------------------------------------------------------

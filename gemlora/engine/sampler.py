@@ -49,9 +49,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], masks: tuple[list[int]
     if masks is not None:
         idx, bitmask = masks
         with torch.inference_mode():      # in place: the logits are this step's own (an inference tensor)
-            masked = logits[idx].contiguous()
-            apply_token_bitmask(masked, bitmask)
-            logits[idx] = masked
+            apply_token_bitmask(logits, bitmask, idx)
     if any(r.params.has_penalties for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
     greedy = [r.params.greedy for r in rows]

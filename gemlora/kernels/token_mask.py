@@ -1,9 +1,10 @@
 """A grammar's token bitmask applied to logits: the C++ CPU kernel (cpu/token_mask.cpp) and its reference.
 
-    logits[r, v] = -inf  where bit (v % 32) of mask[r, v // 32] is 0        (in place)
+    logits[rows[j], v] = -inf  where bit (v % 32) of mask[j, v // 32] is 0        (in place)
 
-The mask is int32 [rows, ceil(vocab / 32)], the layout grammar libraries (llguidance, xgrammar) fill;
-tokens past its last word are disallowed. Knows tensors only: nothing of grammars or requests.
+The mask is int32 [len(rows), ceil(vocab / 32)], the layout grammar libraries (llguidance, xgrammar)
+fill; tokens past its last word are disallowed. `rows` picks the logits rows the mask rows apply to
+(all of them, in order, by default), so a step's constrained rows are masked where they lie. Knows tensors only: nothing of grammars or requests.
 """
 
 from __future__ import annotations
@@ -26,15 +27,21 @@ def unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return allowed
 
 
-def reference_apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    logits.masked_fill_(~unpack(mask, logits.shape[1]), float("-inf"))
+def reference_apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int] | None = None) -> None:
+    rows = list(range(logits.shape[0])) if rows is None else list(rows)
+    allowed = unpack(mask.to(logits.device), logits.shape[1])
+    for j, r in enumerate(rows):
+        logits[r].masked_fill_(~allowed[j], float("-inf"))
 
 
-def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """In place. The kernel for contiguous float32 on the CPU, the reference elsewhere."""
-    if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous():
+def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int] | None = None,
+                        isa: str = "auto") -> None:
+    """In place. The kernel (`isa`: "auto", "avx512_vnni", "avx2" or "scalar") for float32 rows on the CPU,
+    the reference elsewhere."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.stride(-1) == 1:
         ext = extension()
         if ext is not None:
-            ext.apply_token_bitmask(logits, mask.to(torch.int32))
+            at = torch.arange(mask.shape[0]) if rows is None else torch.tensor(rows, dtype=torch.int64)
+            ext.apply_token_bitmask(logits, mask.to(torch.int32), at, isa)
             return
-    reference_apply_token_bitmask(logits, mask.to(logits.device))
+    reference_apply_token_bitmask(logits, mask, rows)

@@ -14,7 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale"), pybind11::arg("softcap"), pybind11::arg("isa") = "auto", release());
   m.def("norm_rope", &norm_rope, "rotary embedding after an optional per-head RMSNorm", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows", release());
-  m.def("apply_token_bitmask", &apply_token_bitmask, "a grammar's token bitmask applied to logits in place",
+  m.def("apply_token_bitmask", &apply_token_bitmask, "a grammar's token bitmask applied to logits rows in place",
+        pybind11::arg("logits"), pybind11::arg("mask"), pybind11::arg("rows"), pybind11::arg("isa") = "auto",
         release());
   m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
   bind_decode_stack(m);

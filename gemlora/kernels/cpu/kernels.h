@@ -34,5 +34,6 @@ void bind_decode_stack(pybind11::module& m);
 torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tensor>& scale, double eps,
                         const torch::Tensor& cos, const torch::Tensor& sin);
 
-// token_mask.cpp: logits[r, v] = -inf where bit v of row r's int32 bitmask is 0 (in place)
-void apply_token_bitmask(torch::Tensor& logits, const torch::Tensor& mask);
+// token_mask.cpp: logits[rows[j], v] = -inf where bit v of mask row j (int32 words) is 0 (in place)
+void apply_token_bitmask(torch::Tensor& logits, const torch::Tensor& mask, const torch::Tensor& rows,
+                         const std::string& isa);
