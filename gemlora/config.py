@@ -80,6 +80,15 @@ class EngineConfig:
             return torch.bfloat16 if fast_bf16 else torch.float32
         return _DTYPES[self.dtype]
 
+    def activation_dtype(self, quantized: bool) -> torch.dtype:
+        """The model's dtype for a checkpoint whose linear layers are (or are not) quantized. On the CPU
+        the quantized kernels take float32 activations and the decode stack runs float32 only, so "auto"
+        keeps float32 there even where AMX makes bf16 GEMMs fast: on an AMX Xeon the embedded GGUF
+        decodes in 19.3 ms per step at batch 1 in float32 against 29.5 ms in bf16, 121 vs 166 ms at 32."""
+        if self.dtype == "auto" and quantized and self.torch_device.type == "cpu":
+            return torch.float32
+        return self.torch_dtype
+
 
 def _cpu_has_amx_bf16() -> bool:
     """bf16 GEMMs beat fp32 3x on CPUs with AMX (measured: 394 vs 136 GFLOP/s at 32 rows) and run at

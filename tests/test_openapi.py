@@ -102,7 +102,7 @@ def test_the_document_is_valid_openapi_3_1():
     assert doc["openapi"].startswith("3.1")
     openapi_spec_validator.validate(doc)        # the 3.1 meta-schema, $refs resolved
     ids = [op["operationId"] for _, _, op, _ in operations(doc)]
-    assert len(ids) == len(set(ids)) == 25
+    assert len(ids) == len(set(ids)) == 37
     assert json.loads(json.dumps(doc)) == doc   # plain JSON data
 
 
@@ -298,6 +298,17 @@ def test_every_request_example_gets_its_documented_answer(served, tiny_adapter_w
         for path, name in (("/finetunes", "list"), ("/finetunes/public", "none")):
             op, ptr = at(path, "get")
             _check_answer(doc, op, ptr, _send(client, "GET", base + path), name)
+        for path, query, name in (("/models/search", "?per_page=50", "models"), ("/models/search", "?per_page=0",
+                                                                                     "bad-query"),
+                                  ("/models/schema", f"?model={MODEL}", "schema"),
+                                  ("/models/schema", "?model=@cf/meta/llama-3-8b-instruct", "unknown-model"),
+                                  ("/tasks/search", "", "tasks"), ("/authors/search", "", "authors")):
+            op, ptr = at(path, "get")
+            _check_answer(doc, op, ptr, _send(client, "GET", base + path + query), name)
+        for path, name in (("/accounts", "accounts"), ("/memberships", "memberships")):
+            op, ptr = paths[prefix + path]["get"], f"/paths/{_escape(prefix + path)}/get"
+            _check_answer(doc, op, ptr, _send(client, "GET", prefix + path), name)
+            _check_answer(doc, op, ptr, _send(client, "GET", prefix + path + "?per_page=0"), "bad-query")
         op, ptr = at("/finetunes/{finetune}", "delete")
         _check_answer(doc, op, ptr, _send(client, "DELETE", f"{base}/finetunes/password"), "delete")
         _check_answer(doc, op, ptr, _send(client, "DELETE", f"{base}/finetunes/nope"), "unknown-finetune")
@@ -327,7 +338,7 @@ def test_the_auth_examples_are_what_every_route_answers(served):
             _check_answer(doc, op, base, _send(client, method.upper(), url,
                                                headers={"authorization": "Bearer other-token"}), "other-account")
         checked += 1
-    assert checked == 23
+    assert checked == 35
 
 
 def test_health_answers_503_as_documented_once_the_engine_is_down(tiny_real_vocab, tmp_path):

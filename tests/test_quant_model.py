@@ -199,3 +199,14 @@ print("fallback ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout and "dequantized per call" in out.stderr
+
+
+def test_auto_dtype_keeps_quantized_models_in_float32_on_the_cpu(converted, tmp_path):
+    from gemlora.model.loader import quantizes
+    make_tiny_checkpoint("gemma3", tmp_path)
+    assert quantizes(converted, "auto") and quantizes(tmp_path, "int4")
+    assert not quantizes(tmp_path, "auto") and not quantizes(converted, "none")
+    auto = EngineConfig(device="cpu")
+    assert auto.activation_dtype(quantized=True) == torch.float32      # the kernels take float32 activations
+    assert auto.activation_dtype(quantized=False) == auto.torch_dtype  # bf16 where AMX makes dense GEMMs fast
+    assert EngineConfig(device="cpu", dtype="bfloat16").activation_dtype(quantized=True) == torch.bfloat16

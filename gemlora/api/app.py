@@ -2,7 +2,8 @@
 
 Owns settings, the request-id header on every response, one log line and the metrics of every
 request, error envelopes for errors no route caught, `/health` and `/metrics`, `/openapi.json` (the
-hand-written document of `openapi`), and the routers of both dialects (`workers_ai`, `openai_api`).
+hand-written document of `openapi`), and the routers of both dialects (`workers_ai`, `openai_api`) and of
+the catalog (`catalog`: models, tasks, authors, accounts).
 The engine runs on its own thread; handlers only await it. Knows nothing of KV blocks or slots.
 """
 
@@ -58,7 +59,7 @@ class ServerContext:
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> FastAPI:
-    from gemlora.api import openai_api, workers_ai
+    from gemlora.api import catalog, openai_api, workers_ai
     from gemlora.lora.adapter import load_adapter
 
     cfg = engine.model_config
@@ -84,6 +85,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> Fas
     app.state.ctx = ctx
     app.include_router(workers_ai.router)
     app.include_router(workers_ai.router, prefix="/client/v4")
+    app.include_router(catalog.router)
+    app.include_router(catalog.router, prefix="/client/v4")
     app.include_router(openai_api.router)
     app.include_router(openai_api.router, prefix="/client/v4/accounts/{account_id}/ai")
     app.include_router(openai_api.router, prefix="/accounts/{account_id}/ai")

@@ -144,6 +144,47 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                "errors": {"type": "array", "maxItems": 0},
                                "messages": {"type": "array", "maxItems": 0}}}
 
+    def paged(item: dict) -> dict:
+        out = envelope({"type": "array", "items": item})
+        return {**out, "required": [*out["required"], "result_info"],
+                "properties": {**out["properties"], "result_info": _ref("schemas", "ResultInfo")}}
+
+    task = {"type": "object", "required": ["id", "name", "description"],
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "description": {"type": "string"}}}
+    account_record = {"type": "object", "required": ["id", "name", "type", "created_at"],
+                      "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                     "type": {"const": "standard"}, "created_at": {"type": "string"}}}
+    catalog = {
+        "ResultInfo": {"type": "object", "required": ["page", "per_page", "count", "total_count"],
+                       "properties": {k: {"type": "integer", "minimum": 0}
+                                      for k in ("page", "per_page", "count", "total_count")}},
+        "CatalogModel": {
+            "type": "object", "required": ["id", "source", "name", "description", "task", "tags", "properties"],
+            "properties": {"id": {"type": "string", "format": "uuid"}, "source": {"const": 1},
+                           "name": {"enum": names}, "description": {"type": "string"}, "task": task,
+                           "tags": {"type": "array", "items": {"type": "string"}},
+                           "properties": {"type": "array", "items": {
+                               "type": "object", "required": ["property_id", "value"],
+                               "properties": {"property_id": {"enum": ["beta", "context_window", "lora"]},
+                                              "value": {"type": "string"}}}}},
+            "description": "One served model name, shaped like Workers AI's catalog entry of "
+                           "@cf/google/gemma-7b-it-lora; `context_window` is this server's."},
+        "ModelSearchResponse": paged(_ref("schemas", "CatalogModel")),
+        "ModelSchemaResponse": envelope({"type": "object", "required": ["input", "output"],
+                                         "properties": {"input": {"type": "object"}, "output": {"type": "object"}},
+                                         "description": "`input`: the run body's schema (its Prompt and Messages "
+                                                        "branches, as in this document); `output`: its `result`, "
+                                                        "or an event stream."}),
+        "TaskListResponse": envelope({"type": "array", "items": task}),
+        "AuthorListResponse": envelope({"type": "array", "items": {
+            "type": "object", "required": ["id", "name"],
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"}}}}),
+        "AccountListResponse": paged(account_record),
+        "MembershipListResponse": paged({"type": "object", "required": ["id", "account", "status"],
+                                         "properties": {"id": {"type": "string"}, "account": account_record,
+                                                        "status": {"const": "accepted"}}}),
+    }
+
     run_fields = {
         "raw": {"enum": [True, False, "true", "false"], "default": False,
                 "description": "With `prompt`: send it verbatim, with no chat template. The strings "
@@ -257,6 +298,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                "created_at": {"type": "string", "format": "date-time"},
                                "modified_at": {"type": "string", "format": "date-time"}}}
     return {
+        **catalog,
         "WorkersAiError": {
             "description": "The v4 error envelope; `result` is `{}`, never null, and there is exactly one error.",
             "type": "object", "required": ["result", "success", "errors", "messages"], "additionalProperties": False,
@@ -291,7 +333,12 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                       "is not a value of any field.",
                        "oneOf": [_ref("schemas", "RunPrompt"), _ref("schemas", "RunMessages")]},
         "RunResponse": envelope({"type": "object", "required": ["response", "usage"], "additionalProperties": False,
-                                 "properties": {"response": {"type": "string"}, "usage": _ref("schemas", "Usage")}}),
+                                 "properties": {"response": {
+                                     "anyOf": [{"type": "string"}, {"type": ["object", "array", "number", "boolean",
+                                                                              "null"]}],
+                                     "description": "The generated text; with `response_format` JSON mode (not "
+                                                    "streamed), the JSON value itself."},
+                                                "usage": _ref("schemas", "Usage")}}),
         "RunEvent": {
             "description": "One server-sent event (the schema describes each event, as OpenAPI 3.2's "
                            "`itemSchema` does). Text deltas, then the usage with an empty response, then "
@@ -582,6 +629,117 @@ def _run_operation() -> dict:
     }
 
 
+_CATALOG_ENTRY = {
+    "id": "0b6b3a3c-3f38-5d8e-9f0d-2b8c1f2e4a51", "source": 1, "name": "@cf/google/gemma-7b-it-lora",
+    "description": "A Gemma model served by gemlora on this host: text generation with LoRA adapters (finetunes) "
+                   "applied per request. Context window 29120 tokens.",
+    "task": {"id": "c329a1f9-323d-4e91-b2aa-582dd4188d34", "name": "Text Generation",
+             "description": "Family of generative text models, such as large language models (LLM), that can be "
+                            "adapted for a variety of natural language tasks."},
+    "tags": [], "properties": [{"property_id": "beta", "value": "true"},
+                               {"property_id": "context_window", "value": "29120"},
+                               {"property_id": "lora", "value": "true"}]}
+_ACCOUNT = {"id": "acct", "name": "acct", "type": "standard", "created_at": "2026-12-06T03:10:00.000000Z"}
+
+
+def _query(name: str, schema: dict, description: str, required: bool = False) -> dict:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _paging(per_page_default: int) -> list[dict]:
+    return [_query("page", {"type": "integer", "minimum": 1, "maximum": 2**53, "default": 1},
+                   "1-based; a page past the end is an empty list."),
+            _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000, "default": per_page_default},
+                   "Entries per page.")]
+
+
+def _bad_query(name: str, got: str, why: str, summary: str) -> dict:
+    return {"bad-query": _ex(_wai_err(5006, f"AiError: Bad input: query parameter '{name}' {why}, got '{got}' "
+                                            f"({_RID})"), summary)}
+
+
+def _catalog_operations(names: list[str]) -> dict:
+    """The catalog (gemlora.api.catalog) that wrangler's `ai models` and the SDK's `ai.models` read, and the
+    account lists wrangler reads when it is given no account id."""
+    scoped = [_ref("parameters", "AccountId"), *_REQUEST_ID_PARAMETERS]
+    direction = _query("direction", {"enum": ["asc", "desc"]}, "Accepted (one entry: no order to change).")
+    bad_page = _wai("5006: a query parameter out of its range or of the wrong type.",
+                    _bad_query("per_page", "0", "must be an integer from 1 to 1000", "per_page=0"))
+    unauthorized = {"401": _WAI_AUTH["401"]}
+    return {
+        "models": {
+            "tags": ["Workers AI: catalog"], "summary": "Search the served models (wrangler `ai models`)",
+            "description": "One entry per served name. wrangler asks for pages of 50 until one is short; the SDK "
+                           "until one is empty. `format` (e.g. openrouter) is refused: only the default shape is "
+                           "served.",
+            "parameters": [*scoped, *_paging(100),
+                           _query("search", {"type": "string"}, "Case-insensitive substring of the name or "
+                                                                "description."),
+                           _query("task", {"type": "string"}, "A task name (Text Generation) or id."),
+                           _query("author", {"type": "string"}, "The author part of the name (`google`)."),
+                           _query("source", {"type": "number"}, "1: Workers AI's own catalog (every entry)."),
+                           _query("hide_experimental", {"type": "boolean"}, "Hide beta entries (all of them)."),
+                           _query("include_deprecated", {"type": "boolean"}, "Accepted: none is deprecated.")],
+            "responses": {"200": _response("A page of entries.", _json("ModelSearchResponse", {
+                "models": _ex({**_ok([_CATALOG_ENTRY]),
+                               "result_info": {"page": 1, "per_page": 50, "count": 1, "total_count": 1}},
+                              "The served model")})),
+                "400": bad_page, **_WAI_AUTH, **_wai_unexpected()}},
+        "schema": {
+            "tags": ["Workers AI: catalog"], "summary": "A served model's input and output schemas",
+            "description": "`input` is the run body's schema of this document (Prompt and Messages branches), "
+                           "`output` its JSON `result` or an event stream, as the SDK's `ai.models.schema.get` "
+                           "reads them.",
+            "parameters": [*scoped, _query("model", {"enum": names}, "A served model name.", required=True)],
+            "responses": {"200": _response("The schemas.", _json("ModelSchemaResponse", {
+                "schema": _ex(_ok({"input": {"type": "object", "oneOf": [{"title": "Prompt"}, {"title": "Messages"}]},
+                                   "output": {"oneOf": [{"type": "object"}, {"type": "string",
+                                                                              "contentType": "text/event-stream"}]}}),
+                              "An excerpt")})),
+                "400": _wai("5006: no `model`; 5007: a model this server does not serve.", {
+                    "unknown-model": _ex(_wai_err(5007, "No such model @cf/meta/llama-3-8b-instruct or task"),
+                                         "A model this server does not serve")}),
+                **_WAI_AUTH, **_wai_unexpected()}},
+        "tasks": {
+            "tags": ["Workers AI: catalog"], "summary": "The tasks of the served models",
+            "parameters": scoped,
+            "responses": {"200": _response("Text Generation.", _json("TaskListResponse", {
+                "tasks": _ex(_ok([_CATALOG_ENTRY["task"]]), "Text Generation")})),
+                **_WAI_AUTH, **_wai_unexpected()}},
+        "authors": {
+            "tags": ["Workers AI: catalog"], "summary": "The authors of the served models",
+            "parameters": scoped,
+            "responses": {"200": _response("From the served names (`google` in `@cf/google/...`).", _json(
+                "AuthorListResponse", {"authors": _ex(_ok([{"id": "5d0c3e8e-8f3e-5b7b-a0c4-7f1e9d2b6c3a",
+                                                            "name": "google"}]), "Google")})),
+                **_WAI_AUTH, **_wai_unexpected()}},
+        "accounts": {
+            "tags": ["Workers AI: accounts"], "summary": "The caller's own account (wrangler without an account id)",
+            "description": "Only the token's account (anonymous: the default one); no other tenant is listed.",
+            "parameters": [*_REQUEST_ID_PARAMETERS, *_paging(20), _query("name", {"type": "string"},
+                                                                         "Case-insensitive substring."), direction],
+            "responses": {"200": _response("The caller's account.", _json("AccountListResponse", {
+                "accounts": _ex({**_ok([_ACCOUNT]),
+                                 "result_info": {"page": 1, "per_page": 20, "count": 1, "total_count": 1}},
+                                "The caller's account")})),
+                "400": bad_page, **unauthorized, **_wai_unexpected()}},
+        "memberships": {
+            "tags": ["Workers AI: accounts"], "summary": "The caller's membership of its own account",
+            "description": "wrangler reads the account id from here; only the token's account is listed.",
+            "parameters": [*_REQUEST_ID_PARAMETERS, *_paging(20),
+                           _query("status", {"enum": ["accepted", "pending", "rejected"]}, "Filter."),
+                           _query("name", {"type": "string"}, "Case-insensitive substring of the account name."),
+                           _query("account.name", {"type": "string"}, "The same."),
+                           _query("order", {"enum": ["id", "account.name", "status"]}, "Accepted."), direction],
+            "responses": {"200": _response("The caller's membership.", _json("MembershipListResponse", {
+                "memberships": _ex({**_ok([{"id": "6f1f0c8a2b3d5e7f9a1b2c3d4e5f6a7b", "account": _ACCOUNT,
+                                            "status": "accepted"}]),
+                                    "result_info": {"page": 1, "per_page": 20, "count": 1, "total_count": 1}},
+                                   "The caller's membership")})),
+                "400": bad_page, **unauthorized, **_wai_unexpected()}},
+    }
+
+
 def _finetune_operations() -> dict:
     account = [_ref("parameters", "AccountId"), *_REQUEST_ID_PARAMETERS]
     finetune = [_ref("parameters", "AccountId"), _ref("parameters", "Finetune"), *_REQUEST_ID_PARAMETERS]
@@ -796,6 +954,7 @@ def openapi_document(model_names: Sequence[str], *, max_input_length: int | None
     with its `max_input_length` and whether it is anonymous (no tokens configured)."""
     names = list(model_names)
     ops = {**_finetune_operations(), **_openai_operations()}
+    catalog = _catalog_operations(names)
     run = _run_operation()
     paths: dict[str, dict] = {}
     for n, prefix in enumerate(WORKERS_AI_PREFIXES):
@@ -814,6 +973,11 @@ def openapi_document(model_names: Sequence[str], *, max_input_length: int | None
             "post": {**ops["upload"], "operationId": f"uploadFinetuneAsset{suffix}"}}
         paths[f"{base}/finetunes/{{finetune}}"] = {
             "delete": {**ops["delete"], "operationId": f"deleteFinetune{suffix}"}}
+        for path, op, op_id in (("models/search", "models", "searchModels"), ("models/schema", "schema", "modelSchema"),
+                                ("tasks/search", "tasks", "searchTasks"), ("authors/search", "authors", "searchAuthors")):
+            paths[f"{base}/{path}"] = {"get": {**catalog[op], "operationId": op_id + suffix}}
+        for op in ("accounts", "memberships"):
+            paths[f"{prefix}/{op}"] = {"get": {**catalog[op], "operationId": f"list{op.title()}{suffix}"}}
     for prefix, suffix in zip(OPENAI_PREFIXES, ("", "V4", "Accounts")):
         scoped = [_ref("parameters", "AccountId")] if prefix else []
         for path, op, op_id in (("/v1/chat/completions", "chat", "chatCompletions"),

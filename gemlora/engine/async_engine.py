@@ -32,7 +32,7 @@ from gemlora.engine.sampler import TokenLogprobs
 from gemlora.engine.token_masks import TokenConstraint
 from gemlora.lora.adapter import LoRAAdapter
 from gemlora.lora.registry import AdapterRef, AdapterRegistry
-from gemlora.model.loader import load_model
+from gemlora.model.loader import load_model, quantizes
 from gemlora.model.source import resolve_model_dir
 from gemlora.request import FinishReason, RequestOutput
 from gemlora.sampling import InvalidRequestError, SamplingParams
@@ -92,7 +92,8 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = True) -> AsyncEngine:
         model_dir = resolve_model_dir(config.model, progress=progress)
-        model = load_model(model_dir, config.torch_dtype, config.torch_device, progress=progress,
+        dtype = config.activation_dtype(quantizes(model_dir, config.quantization))
+        model = load_model(model_dir, dtype, config.torch_device, progress=progress,
                            quantization=config.quantization, activations=config.quant_activations)
         tokenizer = Tokenizer.from_dir(model_dir)
         stop_ids = tokenizer.stop_token_ids | frozenset(model.cfg.eos_token_ids)

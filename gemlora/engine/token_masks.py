@@ -3,14 +3,16 @@
 Owns `TokenConstraint`, all the engine knows of a request's output grammar (fill its row of an int32
 token bitmask, accept the sampled token, say when the output is complete), and one worker thread
 that fills a step's bitmask while the model computes the same step's logits: grammar libraries
-release the GIL while they compute a mask, and the model's kernels do too. Knows nothing of JSON,
-schemas or text; the sampler applies the mask.
+release the GIL while they compute a mask, and the model's kernels do too. Constraints that share a
+`fill_rows` function are filled by one call to it (a library's batch fill: one trip through Python
+for all rows, so the worker does not queue for the GIL behind the model's Python once per row).
+Knows nothing of JSON, schemas or text; the sampler applies the mask.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -27,6 +29,9 @@ class TokenConstraint(Protocol):
     @property
     def finished(self) -> bool:
         """The output is complete: nothing may follow it."""
+
+    # Optional: fill_rows(constraints, bitmask, rows), filling row rows[j] for constraints[j], all of the
+    # same kind; a static function, so that constraints of one kind share it.
 
 
 class TokenMasks:
@@ -46,6 +51,13 @@ class TokenMasks:
 
     def _fill(self, rows: list[int], constraints: list[TokenConstraint]) -> tuple[list[int], torch.Tensor]:
         bitmask = torch.full((len(rows), mask_words(self.vocab_size)), -1, dtype=torch.int32)
+        batches: dict[Callable, list[int]] = {}
         for j, constraint in enumerate(constraints):
-            constraint.fill_bitmask(bitmask, j)
+            fill_rows = getattr(constraint, "fill_rows", None)
+            if fill_rows is None:
+                constraint.fill_bitmask(bitmask, j)
+            else:
+                batches.setdefault(fill_rows, []).append(j)
+        for fill_rows, js in batches.items():
+            fill_rows([constraints[j] for j in js], bitmask, js)
         return rows, bitmask

@@ -45,6 +45,13 @@ def load_config(path: Path) -> GemmaConfig:
     return GemmaConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
 
 
+def quantizes(path: str | Path, quantization: str) -> bool:
+    """Will load_model(path, quantization=...) keep or make quantized linear layers?"""
+    if quantization == "auto":
+        return bool(_quantized_entries(_weight_files(Path(path))))
+    return quantization != "none"
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                progress: bool = False, quantization: str = "none", activations: str = "auto") -> GemmaForCausalLM:
     """`quantization` "auto" keeps the checkpoint's own types: "gguf" if it stores quantized weights,
