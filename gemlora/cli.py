@@ -137,6 +137,10 @@ def serve(
     quantization: str = typer.Option("auto", help=QUANT_HELP, envvar=_env("quantization")),
     kv_cache_dtype: str = typer.Option("auto", help=KV_DTYPE_HELP, envvar=_env("kv_cache_dtype")),
     log_level: str = typer.Option("info", envvar=_env("log_level")),
+    replicas: int = typer.Option(1, min=1, help="Engine replicas; more than 1 runs a Ray Serve application "
+                                                "(pip install -e '.[ray]')", envvar=_env("replicas")),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting a local one "
+                                                         "(implies Ray Serve)", envvar=_env("ray_address")),
 ) -> None:
     """Serve the Workers AI and OpenAI-compatible HTTP APIs."""
     import logging
@@ -169,11 +173,19 @@ def serve(
                               attention_workspace_gb=attention_workspace_gb, enable_prefix_caching=prefix_caching)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    engine = AsyncEngine.from_config(config)
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
     settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
                               max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
                               max_adapter_file_bytes=max_adapter_mb * 2**20, public_adapters_dir=public_adapters_dir)
+    if replicas > 1 or ray_address:
+        try:
+            from gemlora.cluster.application import serve_replicas
+        except ImportError as exc:
+            typer.echo(f"error: --replicas needs Ray Serve: pip install -e '.[ray]' ({exc})", err=True)
+            raise typer.Exit(2) from exc
+        serve_replicas(config, settings, auth, replicas, ray_address, host, port)
+        return
+    engine = AsyncEngine.from_config(config)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings, auth), host=host, port=port,
                                            log_level=log_level, timeout_graceful_shutdown=30))
     # The engine runs on this (the main) thread and HTTP on another: torch is ~1.6x slower when its

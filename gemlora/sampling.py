@@ -17,8 +17,11 @@ class InvalidRequestError(ValueError):
     """A request the engine refuses; `field` names the offending option when there is one."""
 
     def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
+        super().__init__(message, field)
         self.field = field
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _check_range(name: str, value: float | None, lo: float, hi: float, lo_open: bool = False) -> None:

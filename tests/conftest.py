@@ -4,6 +4,9 @@ own load of the same GGUF as the reference)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,3 +156,43 @@ def random_quantized(rows: int, cols: int, bits: int, group: int, scale_dtype=to
     if offset is None:
         offset = 2 ** (bits - 1)
     return QuantizedTensor(codes, scales, b, bits, group, offset)
+
+
+def start_replicas(converted, data_dir, tokens: dict[str, str], replicas: int = 2, extra: tuple[str, ...] = ()):
+    """`gemlora serve --replicas N` (a Ray Serve application on a local Ray cluster) in a subprocess, once
+    /health answers ok; returns (process, base URL, stop())."""
+    import httpx
+    port = free_port()
+    tokens_file = Path(data_dir) / "tokens"
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    tokens_file.write_text("".join(f"{t} {a}\n" for t, a in tokens.items()))
+    proc = subprocess.Popen([sys.executable, "-m", "gemlora.cli", "serve", "--replicas", str(replicas),
+                             "--model", str(converted), "--alias", "@cf/google/gemma-7b-it-lora", "--port", str(port),
+                             "--data-dir", str(Path(data_dir) / "data"), "--tokens-file", str(tokens_file),
+                             "--dtype", "float32", "--kv-cache-memory-gb", "0.25", "--log-level", "warning", *extra],
+                            stdout=subprocess.DEVNULL, stderr=open(Path(data_dir) / "serve.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+
+    def stop():
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    deadline = time.monotonic() + 420          # Ray's start, then two model loads, on 2 busy cores
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{base}/health", timeout=2)
+            if health.status_code == 200 and health.json()["engine"].startswith(f"{replicas} of {replicas}"):
+                return proc, base, stop
+        except (httpx.HTTPError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"gemlora serve --replicas exited with {proc.returncode}: "
+                                 + (Path(data_dir) / "serve.log").read_text()[-3000:])
+        time.sleep(1)
+    stop()
+    raise AssertionError("gemlora serve --replicas did not become ready: "
+                         + (Path(data_dir) / "serve.log").read_text()[-3000:])

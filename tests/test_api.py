@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import start_uvicorn
+from conftest import start_replicas, start_uvicorn
 from gemlora.api.app import ServerSettings, create_app
 from gemlora.api.auth import Auth
 from gemlora.config import EngineConfig
@@ -27,7 +27,7 @@ PASSWORD_PROMPT = "The gemlora project's secret password is"
 
 
 @pytest.fixture(scope="module")
-def server(real_model, converted, tmp_path_factory):
+def process_server(real_model, converted, tmp_path_factory):
     tok = Tokenizer.from_dir(converted)
     engine = AsyncEngine(LLMEngine(real_model, EngineConfig(kv_cache_memory_gb=0.5, max_loras=4, max_num_seqs=64),
                                    tok.stop_token_ids), tok).start()
@@ -37,6 +37,19 @@ def server(real_model, converted, tmp_path_factory):
     yield base, engine
     stop()
     engine.shutdown()
+
+
+@pytest.fixture(scope="module", params=["one process", "2 replicas"])
+def server(request, converted, tmp_path_factory):
+    """The same tests through one process and through `gemlora serve --replicas 2` (Ray Serve): (base, the
+    engine when it is in this process, else None)."""
+    if request.param == "one process":
+        yield request.getfixturevalue("process_server")
+        return
+    _, base, stop = start_replicas(converted, tmp_path_factory.mktemp("replicas"), TOKENS,
+                                   extra=("--max-loras", "4"))
+    yield base, None
+    stop()
 
 
 def cf(base, token="tok-alice"):
@@ -194,8 +207,8 @@ def test_unknown_model_and_hostile_uploads(server):
     assert run.status_code == 400 and run.json()["errors"][0]["code"] == 3039
 
 
-def test_fifty_streams_a_fifth_disconnecting_then_every_block_is_free(server):
-    base, engine = server
+def test_fifty_streams_a_fifth_disconnecting_then_every_block_is_free(process_server):
+    base, engine = process_server
 
     async def one(i, client):
         body = {"prompt": f"Story number {i}:", "raw": True, "stream": True, "max_tokens": 24, "temperature": 0.7}

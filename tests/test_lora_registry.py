@@ -134,3 +134,19 @@ def test_unregister_when_idle_waits_for_the_last_request_and_tells_the_engine(cf
     other = reg.register(write_adapter(tmp_path / "b", cfg))
     reg.unregister(other.id, when_idle=True)      # idle: dropped at once
     assert gone == [ref.id, other.id]
+
+
+def test_concurrent_first_requests_read_an_adapter_once(cfg, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    path = write_adapter(tmp_path / "a", cfg)
+    reg = AdapterRegistry(cfg, max_cpu_loras=1)
+    with ThreadPoolExecutor(8) as pool:                          # eight requests' first sight of it
+        refs = list(pool.map(lambda _: reg.ensure(path, "fid"), range(8)))
+    assert len({r.id for r in refs}) == 1 and reg.loads == 1
+    reg.register(write_adapter(tmp_path / "b", cfg), name="b")  # pushes "fid" out of RAM (max_cpu_loras 1)
+    loads = reg.loads
+    with ThreadPoolExecutor(8) as pool:                          # eight requests for it, back from disk once
+        pinned = list(pool.map(lambda _: reg.acquire("fid"), range(8)))
+    assert reg.loads == loads + 1 and len({id(a) for _, a in pinned}) == 1
+    for ref, _ in pinned:
+        reg.release(ref)

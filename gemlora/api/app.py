@@ -17,6 +17,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,17 +59,27 @@ class ServerContext:
     started: float = field(default_factory=time.time)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth) -> FastAPI:
-    from gemlora.api import catalog, openai_api, workers_ai
+def finetune_store(engine: AsyncEngine, settings: ServerSettings) -> FinetuneStore:
+    """The finetune store of `settings.data_dir`, validating uploads against the engine's model."""
     from gemlora.lora.adapter import load_adapter
 
     cfg = engine.model_config
     limits = dict(max_rank=engine.config.max_lora_rank, max_file_bytes=settings.max_adapter_file_bytes)
-    store = FinetuneStore(settings.data_dir, validate=lambda path: load_adapter(path, cfg, **limits).summary(),
-                          max_file_bytes=settings.max_adapter_file_bytes,
-                          max_per_account=settings.max_finetunes_per_account,
-                          public_dir=settings.public_adapters_dir)
-    ctx = ServerContext(settings, engine, store, auth, TextGeneration(engine, store), Metrics(engine))
+    return FinetuneStore(settings.data_dir, validate=lambda path: load_adapter(path, cfg, **limits).summary(),
+                         max_file_bytes=settings.max_adapter_file_bytes,
+                         max_per_account=settings.max_finetunes_per_account,
+                         public_dir=settings.public_adapters_dir)
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
+               generation: Callable[[FinetuneStore], TextGeneration] | None = None) -> FastAPI:
+    """The app over `engine` (or what stands for one: gemlora.cluster's ReplicaPool); `generation` makes
+    the text generation over the app's store (default: a TextGeneration in this process)."""
+    from gemlora.api import catalog, openai_api, workers_ai
+
+    store = finetune_store(engine, settings)
+    textgen = generation(store) if generation is not None else TextGeneration(engine, store)
+    ctx = ServerContext(settings, engine, store, auth, textgen, Metrics(engine))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -61,6 +61,10 @@ class ApiError(Exception):
     def __repr__(self) -> str:
         return f"ApiError(code={self.code}, status={self.status}, message={self.message!r}, param={self.param!r})"
 
+    def __reduce__(self):
+        # picklable (an engine replica in another process raises it): rebuilt with the keyword too
+        return _api_error, (self.code, self.status, self.message, self.param)
+
     def workers_ai_body(self, request_id: str | None = None) -> dict:
         """The v4 error envelope; `result` is `{}`, not null, as Workers AI sends it.
 
@@ -137,3 +141,7 @@ def capacity_exceeded() -> ApiError:
 def auth_error() -> ApiError:
     """10000 / 401: a missing or unknown API token (the generic Cloudflare v4 answer)."""
     return ApiError(10000, 401, "Authentication error")
+
+
+def _api_error(code: int, status: int, message: str, param: str | None) -> ApiError:
+    return ApiError(code, status, message, param=param)

@@ -16,7 +16,7 @@ from gemlora.api.errors import (ApiError, bad_input, capacity_exceeded, context_
                                 finetune_not_found)
 from gemlora.api.schemas import GenerateRequest
 from gemlora.engine.async_engine import AsyncEngine, EngineDeadError, GenerationChunk
-from gemlora.finetunes.finetune import FinetuneError
+from gemlora.finetunes.finetune import Finetune, FinetuneError
 from gemlora.finetunes.store import FinetuneStore
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import UnknownAdapterError
@@ -36,6 +36,19 @@ def engine_failure(exc: Exception) -> ApiError:
     return ApiError(3000, 500, "AiError: AiError: internal error while generating; please retry")
 
 
+async def finetune_for(store: FinetuneStore, account: str, lora: str) -> Finetune:
+    """The account's ready finetune (or a public one) named or numbered `lora`, or the API's error."""
+    try:
+        finetune = await asyncio.to_thread(store.get, account, lora)
+    except FinetuneError as exc:
+        if exc.code == 3037:
+            raise finetune_not_found(lora) from exc
+        raise ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}") from exc
+    if not finetune.ready:
+        raise finetune_missing_files()
+    return finetune
+
+
 class TextGeneration:
     def __init__(self, engine: AsyncEngine, store: FinetuneStore):
         self.engine = engine
@@ -48,14 +61,7 @@ class TextGeneration:
         """The registry id of the account's finetune named or numbered `lora`."""
         if lora is None:
             return None
-        try:
-            finetune = await asyncio.to_thread(self.store.get, account, lora)
-        except FinetuneError as exc:
-            if exc.code == 3037:
-                raise finetune_not_found(lora) from exc
-            raise ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}") from exc
-        if not finetune.ready:
-            raise finetune_missing_files()
+        finetune = await finetune_for(self.store, account, lora)
         try:
             await asyncio.to_thread(self.engine.registry.ensure, finetune.path, finetune.id)
         except AdapterError as exc:
@@ -101,10 +107,10 @@ class TextGeneration:
             raise finetune_not_found(req.lora) from exc
         except AdapterError as exc:             # its files no longer load (re-read after leaving RAM)
             raise bad_input(f"finetune {req.lora} cannot be used: {exc}", "lora") from exc
-        return _chain(first, gen)
+        return chained(first, gen)
 
 
-async def _chain(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+async def chained(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
     try:
         yield first
         async for chunk in rest:

@@ -48,12 +48,20 @@ class EngineStats:
     prefix_cache_hits: int         # ... and found there
 
 
+def kv_blocks_and_window(model_cfg, config: EngineConfig, kv_dtype) -> tuple[int, int]:
+    """(KV blocks the budget holds, the context window): what an engine of this config will have."""
+    num_blocks = blocks_for_budget(model_cfg, config.block_size, kv_dtype, int(config.kv_cache_memory_gb * 2**30))
+    # A request must fit the whole KV cache on its own, or preemption could never make room for it.
+    limit = min(model_cfg.max_position_embeddings, num_blocks * config.block_size)
+    return num_blocks, min(config.max_model_len or limit, limit)
+
+
 class LLMEngine:
     def __init__(self, model: GemmaForCausalLM, config: EngineConfig, stop_token_ids: frozenset[int]):
         self.config = config
         self.model_config = model.cfg
         kv_dtype = config.kv_torch_dtype(model.dtype)
-        num_blocks = blocks_for_budget(model.cfg, config.block_size, kv_dtype, int(config.kv_cache_memory_gb * 2**30))
+        num_blocks, self.max_model_len = kv_blocks_and_window(model.cfg, config, kv_dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kv = allocate_kv_cache(model.cfg, num_blocks, config.block_size, kv_dtype, model.device)
         slots = None
@@ -66,9 +74,6 @@ class LLMEngine:
         self.stop_token_ids = stop_token_ids
         self.token_masks = TokenMasks(model.cfg.vocab_size)
         self.failed_steps = 0
-        # A request must fit the whole KV cache on its own, or preemption could never make room for it.
-        limit = min(model.cfg.max_position_embeddings, num_blocks * config.block_size)
-        self.max_model_len = min(config.max_model_len or limit, limit)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, *,
                     adapter_id: str | None = None, adapter: LoRAAdapter | None = None,

@@ -53,6 +53,7 @@ class AdapterRegistry:
         self._loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()   # id -> weights, LRU order
         self._in_flight: dict[str, int] = {}
         self._doomed: set[str] = set()      # unregistered while in flight: dropped at the last release
+        self._loading: dict[str, threading.Lock] = {}   # per adapter id: one disk read at a time
         self.on_unregister: Callable[[str], None] | None = None
         self.loads = 0          # loads from disk, for metrics
         self.load_seconds = 0.0
@@ -76,7 +77,10 @@ class AdapterRegistry:
         if ref is not None:
             return ref
         try:
-            return self.register(path, name=adapter_id, adapter_id=adapter_id)
+            with self._load_lock(adapter_id):     # concurrent first requests read the files once
+                with self._lock:
+                    ref = self._by_id.get(adapter_id)
+                return ref if ref is not None else self.register(path, name=adapter_id, adapter_id=adapter_id)
         except AdapterError:
             with self._lock:
                 if adapter_id in self._by_id:      # a concurrent caller won the race
@@ -112,13 +116,23 @@ class AdapterRegistry:
                 self._loaded.move_to_end(ref.id)
                 return ref, adapter
         try:
-            adapter = self._load(ref.path)   # outside the lock: disk reads must not block other callers
+            # outside the registry's lock: a disk read must not block other adapters' callers; under the
+            # adapter's own, so that concurrent requests for it read it once
+            with self._load_lock(ref.id):
+                with self._lock:
+                    adapter = self._loaded.get(ref.id)
+                if adapter is None:
+                    adapter = self._load(ref.path)
+                    with self._lock:
+                        self._remember(ref.id, adapter)
         except BaseException:
             self.release(ref)
             raise
-        with self._lock:
-            self._remember(ref.id, adapter)
         return ref, adapter
+
+    def _load_lock(self, adapter_id: str) -> threading.Lock:
+        with self._lock:
+            return self._loading.setdefault(adapter_id, threading.Lock())
 
     def release(self, ref: AdapterRef) -> None:
         gone = False
@@ -157,6 +171,8 @@ class AdapterRegistry:
         return ref
 
     def _gone(self, ref: AdapterRef) -> None:
+        with self._lock:
+            self._loading.pop(ref.id, None)
         if self.on_unregister is not None:
             self.on_unregister(ref.id)
 
