@@ -4,8 +4,11 @@
 
     python bench/llama_cpp.py            # build (about 15 minutes on 2 cores) and print the binary's path
 
-The build is Release with GGML_NATIVE=ON (the CPU it runs on), keyed by the sdist version and this
-CPU's flags, under ~/.cache/gemlora/llama.cpp (GEMLORA_CACHE moves it).
+The build is Release with GGML_NATIVE=ON (the CPU it runs on), keyed by the sdist version, this CPU's
+flags and GEMLORA_LLAMA_CFLAGS, under ~/.cache/gemlora/llama.cpp (GEMLORA_CACHE moves it).
+GEMLORA_LLAMA_CFLAGS adds compiler flags: on a VM whose CPU reports AMX, llama.cpp's AMX matmul died
+with SIGILL (`tilezero` in an OpenMP worker thread) on the first prompt, so there the peer is built with
+GEMLORA_LLAMA_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" (its AVX-512/VNNI paths stay).
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def source_dir() -> Path:
 
 def llama_server() -> Path:
     """The llama-server binary for this CPU, built on first use."""
-    build = cache_root() / f"build-{VERSION}-{_cpu_key()}"
+    cflags = os.environ.get("GEMLORA_LLAMA_CFLAGS", "").strip()
+    key = _cpu_key() + (("-" + hashlib.sha256(cflags.encode()).hexdigest()[:8]) if cflags else "")
+    build = cache_root() / f"build-{VERSION}-{key}"
     binary = build / "bin" / "llama-server"
     if binary.is_file():
         return binary
@@ -74,7 +79,8 @@ def llama_server() -> Path:
     print(f"building llama-server into {build} (about 15 minutes on 2 cores)", file=sys.stderr)
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"],
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF",
+                    *([f"-DCMAKE_C_FLAGS={cflags}", f"-DCMAKE_CXX_FLAGS={cflags}"] if cflags else [])],
                    check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    check=True)
