@@ -47,6 +47,9 @@ def test_health_and_metrics_speak_for_both_replicas(cluster):
     text = httpx.get(f"{cluster}/metrics", timeout=10).text
     assert metric(text, "gemlora_engine_steps_total") >= 4 * 4
     assert metric(text, "gemlora_engine_up") == 1 and metric(text, "gemlora_kv_blocks_used") == 0
+    steps = dict(re.findall(r'^gemlora_replica_engine_steps_total\{replica="([^"]+)"\} ([0-9.e+]+)$', text, re.M))
+    assert len(steps) == 2 and sum(map(float, steps.values())) == metric(text, "gemlora_engine_steps_total")
+    assert len(re.findall(r'^gemlora_replica_kv_blocks_used\{replica="[^"]+"\} 0\.0$', text, re.M)) == 2
 
 
 def test_zipf_traffic_over_16_adapters_loads_each_about_once(cluster):

@@ -1,6 +1,6 @@
 """Prometheus metrics of the server: requests by route and status, tokens, time to first token and
 per output token, queue length, KV blocks, prefix-cache lookups and hits, resident adapters per tier,
-adapter loads. The engine's numbers are read by a collector when scraped, so the engine never calls
+adapter loads; behind `--replicas`, also per engine replica (`gemlora_replica_*{replica=...}`). The engine's numbers are read by a collector when scraped, so the engine never calls
 in here."""
 
 from __future__ import annotations
@@ -106,3 +106,29 @@ class _EngineCollector:
                                  ("gemlora_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   stats.prefix_cache_hits)):
             yield CounterMetricFamily(name, doc, value=value)
+        per_replica = getattr(self.engine, "replica_numbers", None)     # engine replicas (gemlora.cluster)
+        if per_replica is not None:
+            yield from _per_replica(per_replica())
+
+
+def _per_replica(numbers: dict[str, dict]):
+    """The same numbers per engine replica, labelled by replica id (the unlabelled ones are their sums)."""
+    gauges = (("queue_length", "Requests waiting", lambda n: n["stats"]["waiting"]),
+              ("running_requests", "Requests running", lambda n: n["stats"]["running"]),
+              ("kv_blocks_used", "KV cache blocks in use", lambda n: n["stats"]["kv_blocks_used"]),
+              ("kv_blocks_free", "KV cache blocks free", lambda n: n["stats"]["kv_blocks_free"]),
+              ("adapters_in_slots", "Adapters in slots", lambda n: n["stats"]["adapters_in_slots"]),
+              ("adapters_in_ram", "Adapters held in RAM", lambda n: n["ram_adapters"]))
+    for name, doc, read in gauges:
+        family = GaugeMetricFamily(f"gemlora_replica_{name}", doc + ", per engine replica", labels=["replica"])
+        for replica, n in sorted(numbers.items()):
+            family.add_metric([replica], read(n))
+        yield family
+    counters = (("adapter_loads", "Adapter loads from disk", lambda n: n["ram_loads"]),
+                ("adapter_slot_loads", "Adapter loads into slots", lambda n: n["stats"]["adapter_slot_loads"]),
+                ("engine_steps", "Engine steps run", lambda n: n["stats"]["steps"]))
+    for name, doc, read in counters:
+        family = CounterMetricFamily(f"gemlora_replica_{name}", doc + ", per engine replica", labels=["replica"])
+        for replica, n in sorted(numbers.items()):
+            family.add_metric([replica], read(n))
+        yield family
