@@ -653,6 +653,12 @@ def _paging(per_page_default: int) -> list[dict]:
                    "Entries per page.")]
 
 
+def _one_page(items: list, per_page: int) -> dict:
+    """A paged v4 answer holding all of `items`."""
+    return {**_ok(items), "result_info": {"page": 1, "per_page": per_page, "count": len(items),
+                                          "total_count": len(items)}}
+
+
 def _bad_query(name: str, got: str, why: str, summary: str) -> dict:
     return {"bad-query": _ex(_wai_err(5006, f"AiError: Bad input: query parameter '{name}' {why}, got '{got}' "
                                             f"({_RID})"), summary)}
@@ -681,9 +687,7 @@ def _catalog_operations(names: list[str]) -> dict:
                            _query("hide_experimental", {"type": "boolean"}, "Hide beta entries (all of them)."),
                            _query("include_deprecated", {"type": "boolean"}, "Accepted: none is deprecated.")],
             "responses": {"200": _response("A page of entries.", _json("ModelSearchResponse", {
-                "models": _ex({**_ok([_CATALOG_ENTRY]),
-                               "result_info": {"page": 1, "per_page": 50, "count": 1, "total_count": 1}},
-                              "The served model")})),
+                "models": _ex(_one_page([_CATALOG_ENTRY], 50), "The served model")})),
                 "400": bad_page, **_WAI_AUTH, **_wai_unexpected()}},
         "schema": {
             "tags": ["Workers AI: catalog"], "summary": "A served model's input and output schemas",
@@ -719,9 +723,7 @@ def _catalog_operations(names: list[str]) -> dict:
             "parameters": [*_REQUEST_ID_PARAMETERS, *_paging(20), _query("name", {"type": "string"},
                                                                          "Case-insensitive substring."), direction],
             "responses": {"200": _response("The caller's account.", _json("AccountListResponse", {
-                "accounts": _ex({**_ok([_ACCOUNT]),
-                                 "result_info": {"page": 1, "per_page": 20, "count": 1, "total_count": 1}},
-                                "The caller's account")})),
+                "accounts": _ex(_one_page([_ACCOUNT], 20), "The caller's account")})),
                 "400": bad_page, **unauthorized, **_wai_unexpected()}},
         "memberships": {
             "tags": ["Workers AI: accounts"], "summary": "The caller's membership of its own account",
@@ -732,10 +734,8 @@ def _catalog_operations(names: list[str]) -> dict:
                            _query("account.name", {"type": "string"}, "The same."),
                            _query("order", {"enum": ["id", "account.name", "status"]}, "Accepted."), direction],
             "responses": {"200": _response("The caller's membership.", _json("MembershipListResponse", {
-                "memberships": _ex({**_ok([{"id": "6f1f0c8a2b3d5e7f9a1b2c3d4e5f6a7b", "account": _ACCOUNT,
-                                            "status": "accepted"}]),
-                                    "result_info": {"page": 1, "per_page": 20, "count": 1, "total_count": 1}},
-                                   "The caller's membership")})),
+                "memberships": _ex(_one_page([{"id": "6f1f0c8a2b3d5e7f9a1b2c3d4e5f6a7b", "account": _ACCOUNT,
+                                               "status": "accepted"}], 20), "The caller's membership")})),
                 "400": bad_page, **unauthorized, **_wai_unexpected()}},
     }
 
