@@ -207,6 +207,32 @@ def test_unknown_model_and_hostile_uploads(server):
     assert run.status_code == 400 and run.json()["errors"][0]["code"] == 3039
 
 
+def test_a_finetune_in_use_is_not_deleted_until_its_requests_end(server):
+    base, _ = server
+    h = {"authorization": "Bearer tok-alice"}
+    ft = httpx.post(f"{base}/client/v4/accounts/alice/ai/finetunes", headers=h, timeout=30,
+                    json={"model": MODEL, "name": "busy"}).json()["result"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        r = httpx.post(f"{base}/client/v4/accounts/alice/ai/finetunes/busy/finetune-assets", headers=h,
+                       files={"file": (name, (FIXTURE / name).read_bytes())}, data={"file_name": name}, timeout=60)
+        assert r.status_code == 200, r.text
+    url = f"{base}/client/v4/accounts/alice/ai/finetunes/{ft['id']}"
+    with httpx.stream("POST", f"{base}/v1/completions", headers=h, timeout=120, json={
+            "model": "busy", "prompt": "Count: 1, 2, 3,", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as s:
+        lines = s.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        refused = httpx.delete(url, headers=h, timeout=30)
+        assert refused.status_code == 400 and "in use by 1 request;" in refused.json()["errors"][0]["message"]
+    # The client left: its request is aborted, and then the finetune goes.
+    deadline = time.monotonic() + 30
+    while (gone := httpx.delete(url, headers=h, timeout=30)).status_code == 400:
+        assert time.monotonic() < deadline, gone.text
+        time.sleep(0.2)
+    assert gone.status_code == 200 and gone.json()["result"]["name"] == "busy"
+    run = httpx.post(f"{base}/client/v4/accounts/alice/ai/run/{MODEL}", headers=h, json={"prompt": "hi", "lora": "busy"})
+    assert run.status_code == 404 and run.json()["errors"][0]["code"] == 3037
+
+
 def test_fifty_streams_a_fifth_disconnecting_then_every_block_is_free(process_server):
     base, engine = process_server
 

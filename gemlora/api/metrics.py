@@ -112,7 +112,13 @@ class _EngineCollector:
 
 
 def _per_replica(numbers: dict[str, dict]):
-    """The same numbers per engine replica, labelled by replica id (the unlabelled ones are their sums)."""
+    """The same numbers per engine replica, labelled by replica id (the unlabelled ones are their sums),
+    and where each replica runs (host and process id), so an operator can find the process."""
+    info = GaugeMetricFamily("gemlora_replica_info", "An engine replica's host and process id",
+                             labels=["replica", "host", "pid"])
+    for replica, n in sorted(numbers.items()):
+        info.add_metric([replica, n["host"], str(n["pid"])], 1)
+    yield info
     gauges = (("queue_length", "Requests waiting", lambda n: n["stats"]["waiting"]),
               ("running_requests", "Requests running", lambda n: n["stats"]["running"]),
               ("kv_blocks_used", "KV cache blocks in use", lambda n: n["stats"]["kv_blocks_used"]),

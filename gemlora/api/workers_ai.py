@@ -171,10 +171,8 @@ async def upload_asset(account_id: str, finetune: str, request: Request):
 async def delete_finetune(account_id: str, finetune: str, request: Request):
     ctx = request.app.state.ctx
     account = _account(request, account_id)
-    registry = ctx.engine.registry
     removed = await asyncio.to_thread(_finetune_call, ctx.store.delete, account, finetune,
-                                      in_use=lambda fid: registry.is_registered(fid) and registry.in_flight(
-                                          registry.resolve(fid)) > 0)
+                                      in_use=ctx.engine.requests_on_adapter)
     try:
         # A request that got the adapter just before the delete finishes with it; no new one can find
         # it, and it leaves RAM and its slot when that request ends.

@@ -6,11 +6,14 @@ to a replica that already holds that adapter when one has room, and else to the 
 which loads it. Base-model requests carry no id and balance by queue length. The replica validates
 and generates exactly as TextGeneration does in one process; its errors (ApiError before the first
 chunk, EngineError later) come back unwrapped from Ray's. Closing the stream cancels the remote call,
-which aborts the request in its engine. Knows Ray Serve handles and TextGeneration's contract.
+which aborts the request in its engine. Requests in flight are counted per finetune (in the pool) from
+before they are routed until they end, so deleting a finetune in use is refused as in one process.
+Knows Ray Serve handles and TextGeneration's contract.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import AsyncIterator
 
 from ray.exceptions import RayTaskError
@@ -30,9 +33,23 @@ class RemoteGeneration:
     async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
         finetune_id = (await finetune_for(self.store, account, req.lora)).id if req.lora is not None else ""
         handle = self.replicas.options(stream=True, multiplexed_model_id=finetune_id)
-        chunks = _unwrapped(handle.generate.remote(account, req, request_id))
+        chunks = _counted(self.engine.adapter_requests, finetune_id,
+                          _unwrapped(handle.generate.remote(account, req, request_id)))
         first = await chunks.__anext__()
         return chained(first, chunks)
+
+
+async def _counted(requests: Counter[str], finetune_id: str, chunks: AsyncIterator[GenerationChunk]):
+    """`chunks`, counted in `requests[finetune_id]` from now until they end (a finetune in use is not deleted)."""
+    requests[finetune_id] += 1
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        requests[finetune_id] -= 1
+        if requests[finetune_id] <= 0:
+            del requests[finetune_id]
+        await chunks.aclose()
 
 
 async def _unwrapped(remote) -> AsyncIterator[GenerationChunk]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import threading
 from typing import AsyncIterator
 
@@ -69,7 +70,8 @@ class EngineReplica:
 
     def numbers(self) -> dict:
         stats, registry, health = self.engine.stats(), self.engine.registry, self.engine.health()
-        return {"stats": dataclasses.asdict(stats), "health": dataclasses.asdict(health),
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "stats": dataclasses.asdict(stats), "health": dataclasses.asdict(health),
                 "ram_adapters": registry.num_loaded, "ram_loads": registry.loads,
                 "load_seconds": registry.load_seconds}
 

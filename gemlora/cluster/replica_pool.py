@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
@@ -48,10 +49,6 @@ class ClusterAdapters:
     def load_seconds(self) -> float:
         return self._sum("load_seconds")
 
-    def is_registered(self, adapter_id: str) -> bool:
-        # Which replica runs a request is Ray's business: a finetune is deleted at once, and a request
-        # already running on it finishes with the weights its replica holds.
-        return False
 
 
 class ReplicaPool:
@@ -63,6 +60,7 @@ class ReplicaPool:
         _, self.max_model_len = kv_blocks_and_window(self.model_config, config, config.kv_torch_dtype(dtype))
         self.num_replicas = num_replicas
         self.registry = ClusterAdapters(self)
+        self.adapter_requests: Counter[str] = Counter()      # finetune id -> requests in flight on it
         self._board = ray.get_actor(BOARD, namespace=NAMESPACE)
         self._numbers: dict[str, dict] = {}
         self._stop = threading.Event()
@@ -94,6 +92,11 @@ class ReplicaPool:
                   else "no engine replica has reported yet")
         return EngineHealth(bool(states), bool(stepping), detail if stepping else detail + " (none stepping)",
                             sum(s["steps"] for s in states), None)
+
+    def requests_on_adapter(self, adapter_id: str) -> int:
+        """Requests in flight on the finetune, on any replica: every request passes through this ingress
+        (RemoteGeneration counts them), so a finetune in use is refused deletion as in one process."""
+        return self.adapter_requests[adapter_id]
 
     def remove_adapter(self, adapter_id: str) -> None:
         # Each replica finds a finetune through the shared store, which no longer has it: none can start

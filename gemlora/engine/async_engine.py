@@ -161,6 +161,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
+    def requests_on_adapter(self, adapter_id: str) -> int:
+        """Requests in flight that hold the adapter (0 for one never loaded)."""
+        registry = self.registry
+        return registry.in_flight(registry.resolve(adapter_id)) if registry.is_registered(adapter_id) else 0
+
     def remove_adapter(self, adapter_id: str) -> None:
         """Unregister an adapter: new requests cannot find it from now on; it goes (from RAM and from
         its slot) when the last request using it ends."""
