@@ -75,7 +75,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
                generation: Callable[[FinetuneStore], TextGeneration] | None = None) -> FastAPI:
     """The app over `engine` (or what stands for one: gemlora.cluster's ReplicaPool); `generation` makes
     the text generation over the app's store (default: a TextGeneration in this process)."""
-    from gemlora.api import catalog, openai_api, workers_ai
+    from gemlora.api import catalog, openai_api, playground, workers_ai
 
     store = finetune_store(engine, settings)
     textgen = generation(store) if generation is not None else TextGeneration(engine, store)
@@ -101,6 +101,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
     app.include_router(openai_api.router)
     app.include_router(openai_api.router, prefix="/client/v4/accounts/{account_id}/ai")
     app.include_router(openai_api.router, prefix="/accounts/{account_id}/ai")
+    app.include_router(playground.router)      # the web page at / and /playground (static files only)
 
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next):
