@@ -141,6 +141,9 @@ def serve(
                                                 "(pip install -e '.[ray]')", envvar=_env("replicas")),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster instead of starting a local one "
                                                          "(implies Ray Serve)", envvar=_env("ray_address")),
+    replica_routing: str = typer.Option("affinity", help="How requests reach replicas: affinity (to a replica "
+                                        "holding the adapter), ray (Ray Serve's default), round-robin",
+                                        envvar=_env("replica_routing")),
 ) -> None:
     """Serve the Workers AI and OpenAI-compatible HTTP APIs."""
     import logging
@@ -179,11 +182,13 @@ def serve(
                               max_adapter_file_bytes=max_adapter_mb * 2**20, public_adapters_dir=public_adapters_dir)
     if replicas > 1 or ray_address:
         try:
-            from gemlora.cluster.application import serve_replicas
+            from gemlora.cluster.application import ROUTERS, serve_replicas
         except ImportError as exc:
             typer.echo(f"error: --replicas needs Ray Serve: pip install -e '.[ray]' ({exc})", err=True)
             raise typer.Exit(2) from exc
-        serve_replicas(config, settings, auth, replicas, ray_address, host, port)
+        if replica_routing not in ROUTERS:
+            raise typer.BadParameter(f"--replica-routing must be one of {', '.join(ROUTERS)}")
+        serve_replicas(config, settings, auth, replicas, ray_address, host, port, replica_routing)
         return
     engine = AsyncEngine.from_config(config)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings, auth), host=host, port=port,

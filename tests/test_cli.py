@@ -36,3 +36,8 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"^    (python3 -m venv .*)$", readme, flags=re.M)
     assert len(commands) >= 2, "the README opens with the run command and the test command"
     assert commands[1] in ci
+
+
+def test_unknown_replica_routing_is_a_clear_error(tmp_path):
+    out = run("serve", "--replicas", "2", "--replica-routing", "fastest", "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "--replica-routing must be one of affinity, ray, round-robin" in out.stderr

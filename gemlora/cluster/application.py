@@ -30,6 +30,7 @@ from gemlora.cluster.board import NAME as BOARD, NAMESPACE, Board
 from gemlora.cluster.remote_generation import RemoteGeneration
 from gemlora.cluster.replica import EngineReplica
 from gemlora.cluster.replica_pool import ReplicaPool
+from gemlora.cluster.round_robin_router import RoundRobinRouter
 from gemlora.config import EngineConfig
 from gemlora.model.source import resolve_model_dir
 
@@ -48,9 +49,15 @@ class Ingress:
         return self.asgi_app
 
 
+# --replica-routing: adapter affinity (ours), Ray Serve's default (power of two choices, preferring replicas
+# that hold the adapter; loads adapters more often under many adapters), or blind round-robin (a baseline).
+ROUTERS = {"affinity": AdapterAffinityRouter, "ray": None, "round-robin": RoundRobinRouter}
+
+
 def serve_replicas(config: EngineConfig, settings: ServerSettings, auth: Auth, num_replicas: int,
-                   address: str | None, host: str, port: int) -> None:
+                   address: str | None, host: str, port: int, routing: str = "affinity") -> None:
     """Deploy and serve until SIGINT / SIGTERM."""
+    router = ROUTERS[routing]
     model_dir = resolve_model_dir(config.model)       # converted once here, before any replica loads it
     # Ray Serve's 5-10 s readiness checks fail on a small, busy machine while models load: give them a minute.
     for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S",
@@ -78,13 +85,13 @@ def serve_replicas(config: EngineConfig, settings: ServerSettings, auth: Auth, n
     replicas = serve.deployment(EngineReplica).options(
         num_replicas=num_replicas, max_ongoing_requests=2 * config.max_num_seqs,
         ray_actor_options={"num_cpus": replica_cpus}, health_check_period_s=5, health_check_timeout_s=30,
-        request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter))
+        **({"request_router_config": RequestRouterConfig(request_router_class=router)} if router else {}))
     ingress = serve.deployment(Ingress).options(num_replicas=1, max_ongoing_requests=4096,
                                                  ray_actor_options={"num_cpus": 0})
     serve.run(ingress.bind(replicas.bind(config, settings), config, settings, auth, num_replicas),
               name=APP_NAME, route_prefix="/", blocking=False)
-    log.warning("serving %s on http://%s:%d through %d engine replicas (%.0f CPUs each)",
-                ", ".join(settings.model_names), host, port, num_replicas, replica_cpus)
+    log.warning("serving %s on http://%s:%d through %d engine replicas (%.0f CPUs each, %s routing)",
+                ", ".join(settings.model_names), host, port, num_replicas, replica_cpus, routing)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

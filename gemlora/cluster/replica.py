@@ -3,8 +3,9 @@
 One AsyncEngine (its own KV cache and adapter slots) with the TextGeneration of a single-process server
 over the shared finetune store, so a request behaves exactly as it does there. The ingress routes a
 request for an adapter with Ray Serve's multiplexing (`multiplexed_model_id` = the finetune's id):
-`adapter` is the multiplexed loader, so Ray knows which replica holds which adapter and sends later
-requests for it there; the engine's own registry (RAM, LRU) and slots hold the weights. Every second
+`adapter` is the multiplexed loader (made in __init__: the engine's RAM tier sets its size), so Ray
+knows which replica holds which adapter and sends later requests for it there; the engine's own
+registry (RAM, LRU) and slots hold the weights. Every second
 the replica posts its numbers to the Board. Knows Ray Serve, the engine and TextGeneration; nothing of
 HTTP.
 """
@@ -30,26 +31,19 @@ from gemlora.engine.async_engine import AsyncEngine, GenerationChunk
 
 log = logging.getLogger("gemlora.cluster")
 
-# Adapters Ray counts as resident per replica (its LRU): the engine keeps up to max_cpu_loras in RAM, 64
-# by default; Ray's own bound must be fixed when the class is defined.
-MAX_ADAPTERS_PER_REPLICA = 64
-
 
 class EngineReplica:
     def __init__(self, config: EngineConfig, settings: ServerSettings):
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncEngine.from_config(config, progress=False).start()
         self.textgen = TextGeneration(self.engine, finetune_store(self.engine, settings))
+        # Ray's own LRU of the adapters this replica holds, as large as the engine's RAM tier, so that Ray
+        # routes to a replica for an adapter while the engine still holds it.
+        self.adapter = serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)(_hold_adapter)
         self.board = ray.get_actor(BOARD, namespace=NAMESPACE)
         self._stop = threading.Event()
         threading.Thread(target=self._post_numbers, name="gemlora-board-post", daemon=True).start()
         log.info("replica %s serving (pid %d)", self.replica, os.getpid())
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def adapter(self, finetune_id: str) -> str:
-        # The weights are loaded (from the shared store, for the request's account) by TextGeneration;
-        # this marks the adapter as this replica's for Ray's routing.
-        return finetune_id
 
     async def generate(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
         finetune_id = serve.get_multiplexed_model_id()
@@ -87,3 +81,9 @@ class EngineReplica:
             self._stop.set()
         if hasattr(self, "engine"):
             self.engine.shutdown()
+
+
+async def _hold_adapter(finetune_id: str) -> str:
+    """Ray Serve's multiplexed loader: the weights are loaded (from the shared store, for the request's
+    account) by TextGeneration; this marks the adapter as this replica's for Ray's routing."""
+    return finetune_id
