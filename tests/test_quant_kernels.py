@@ -138,3 +138,44 @@ def test_int16_activations_are_at_least_as_exact_as_two_int8_passes():
     err = {mode: (K.reference_quantize_activations(x, mode)[0] - x.double()).abs().max().item()
            for mode in K.ACTIVATIONS}
     assert err["int16"] <= err["int8x2"] < err["int8"] / 50
+
+
+CAPPED = """
+import torch
+from conftest import random_quantized
+from gemlora.kernels import qmatmul as K
+qt = random_quantized(520, 640, 4, 32)
+x = torch.randn(3, 640)
+y = K.pack(qt).matmul(x)
+ref = K.reference_matmul(x, qt)
+assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+try:
+    K.pack(qt).matmul(x, isa="avx512_vnni")
+    refused = ""
+except RuntimeError as exc:
+    refused = str(exc).splitlines()[0]
+print(K.extension().cpu_isa(), "|", refused)
+"""
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2 path to cap at")
+def test_gemlora_cpu_isa_caps_every_kernel_at_a_narrower_path():
+    """GEMLORA_CPU_ISA=avx2 runs an AVX2-only CPU's paths on a wider one: auto picks AVX2 (and stays exact
+    against the reference), a wider path named explicitly is refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "GEMLORA_CPU_ISA": "avx2", "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", CAPPED], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    isa, refused = out.stdout.strip().splitlines()[-1].split(" | ")
+    assert isa == "avx2"
+    assert "cannot run the avx512_vnni path" in refused
+
+
+def test_an_unknown_gemlora_cpu_isa_is_a_clear_error(monkeypatch):
+    from gemlora.kernels import build
+    monkeypatch.setenv("GEMLORA_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="GEMLORA_CPU_ISA must be one of auto, avx512_vnni, avx2, scalar"):
+        build.extension()

@@ -3,7 +3,8 @@
 Built from source on first use with torch.utils.cpp_extension (about a minute on 2 cores) into
 ~/.cache/gemlora/kernels/<hash of the sources and torch version>, so later starts load it at once
 and a changed source is rebuilt. Base code is compiled for plain x86-64; each vector path carries
-its own target attribute and is picked at run time by what the CPU has. With no compiler (or with
+its own target attribute and is picked at run time by what the CPU has, capped by GEMLORA_CPU_ISA
+(avx2 or scalar: run a narrower CPU's paths on a wider one). With no compiler (or with
 GEMLORA_NO_KERNELS set) `extension()` warns once and returns None, and callers take their plain
 torch paths. Knows compilers and files; nothing of models or formats.
 """
@@ -27,9 +28,15 @@ _ext = None
 _tried = False
 
 
+ISA_CAPS = ("auto", "avx512_vnni", "avx2", "scalar")
+
+
 def extension():
     """The compiled CPU kernels, or None when they cannot be built here (warned once)."""
     global _ext, _tried
+    cap = os.environ.get("GEMLORA_CPU_ISA", "")
+    if cap and cap not in ISA_CAPS:     # a typo must not silently run the widest path
+        raise ValueError(f"GEMLORA_CPU_ISA must be one of {', '.join(ISA_CAPS)}, not {cap!r}")
     if _tried:
         return _ext
     with _lock:

@@ -10,6 +10,7 @@
 //   out = sum_j softmax(s)_j v_j       over the j the mask keeps; max-subtracted, in float32, per chunk
 //                                      of keys, the chunks merged as flash-decoding does
 
+#include "isa.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -79,8 +80,9 @@ using PV = void (*)(float*, int64_t, int64_t, const float* const*, const float*,
 std::pair<QK, PV> inner_loops(int64_t D, const std::string& isa) {
   TORCH_CHECK(isa == "auto" || isa == "avx512" || isa == "avx2" || isa == "scalar", "unknown isa ", isa);
   __builtin_cpu_init();
-  const bool avx512 = D % 16 == 0 && __builtin_cpu_supports("avx512f");
-  const bool avx2 = D % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = D % 16 == 0 && gemlora::isa_allowed(gemlora::Isa::kAvx512Vnni) && __builtin_cpu_supports("avx512f");
+  const bool avx2 = D % 8 == 0 && gemlora::isa_allowed(gemlora::Isa::kAvx2) && __builtin_cpu_supports("avx2") &&
+                    __builtin_cpu_supports("fma");
   TORCH_CHECK((isa != "avx512" || avx512) && (isa != "avx2" || avx2), "this CPU or head size cannot run ", isa);
   if (avx512 && (isa == "auto" || isa == "avx512")) return {avx512::qk, avx512::pv};
   if (avx2 && (isa == "auto" || isa == "avx2")) return {avx2::qk, avx2::pv};
