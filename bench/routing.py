@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,32 +32,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import ALIAS, HEADER, Result, drive, free_port, prompts, row, stop, write_adapters  # noqa: E402
+from serving import ALIAS, HEADER, Result, drive, prompts, row, start_gemlora, stop, wait_ready, write_adapters  # noqa: E402
 
 
 def start(replicas: int, routing: str, ram_adapters: int, adapters_dir: Path, log: Path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "gemlora.cli", "serve", "--port", str(port), "--alias", ALIAS,
-           "--replicas", str(replicas), "--replica-routing", routing, "--max-cpu-loras", str(ram_adapters),
-           "--max-num-seqs", "32", "--max-loras", "8", "--public-adapters-dir", str(adapters_dir),
-           "--log-level", "warning"]
-    env = {**os.environ, "GEMLORA_API_TOKENS": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gemlora serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            health = httpx.get(f"{base}/health", timeout=2)
-            if health.status_code == 200 and (replicas == 1 or
-                                              health.json()["engine"].startswith(f"{replicas} of {replicas}")):
-                return proc, base
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    stop(proc)
-    raise RuntimeError("gemlora serve did not become ready")
+    proc, base = start_gemlora(None, adapters_dir, ["--replicas", str(replicas), "--replica-routing", routing,
+                                                    "--max-cpu-loras", str(ram_adapters)], threads=None, log=log)
+    # behind Ray, /health answers before every replica is up: wait for "N of N"
+    wait_ready(base, proc, 900, ready=lambda health: replicas == 1 or
+               health.json()["engine"].startswith(f"{replicas} of {replicas}"))
+    return proc, base
 
 
 def loads(base: str) -> tuple[float, float]:

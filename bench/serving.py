@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -128,17 +129,21 @@ async def drive(base: str, model: str, texts: list[str], concurrency: int, new_t
     return res
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 1800) -> None:
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 1800,
+               ready: Callable[[httpx.Response], bool] = lambda health: True) -> None:
+    """Until /health answers 200 and `ready` accepts the answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{base}/health", timeout=2)
+            if health.status_code == 200 and ready(health):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
+    stop(proc)
     raise RuntimeError("server did not become ready")
 
 
@@ -151,7 +156,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_gemlora(model: Path | None, adapters_dir: Path | None, extra: list[str], threads: int):
+def start_gemlora(model: Path | None, adapters_dir: Path | None, extra: list[str], threads: int | None,
+                  log: Path | None = None):
+    """`gemlora serve` on a free port; threads None leaves OMP_NUM_THREADS to the server (and Ray's replicas)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gemlora.cli", "serve", "--port", str(port), "--alias", ALIAS,
            "--max-num-seqs", "32", "--max-loras", "8", "--log-level", "warning", *extra]
@@ -159,8 +166,8 @@ def start_gemlora(model: Path | None, adapters_dir: Path | None, extra: list[str
         cmd += ["--model", str(model)]
     if adapters_dir is not None:
         cmd += ["--public-adapters-dir", str(adapters_dir)]
-    env = {**os.environ, "GEMLORA_API_TOKENS": "", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "GEMLORA_API_TOKENS": "", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else None)
     return proc, f"http://127.0.0.1:{port}"
 
 
