@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -260,3 +261,97 @@ def test_every_serve_option_reads_its_environment_variable(tiny_real_vocab, tmp_
     options = {o for o in options if not (o.startswith("no-") and o[3:] in options)}   # --x/--no-x: one env var
     envs = set(re.findall(r"GEMLORA_([A-Z_]+)", out.stdout)) - {"API_TOKENS"}
     assert {o.replace("-", "_").upper() for o in options} == envs
+
+
+def tiny_adapter_files(engine, regex: str | None = None) -> dict[str, bytes]:
+    """A q_proj LoRA for the tiny model (rank 2, every layer); `regex` as its target_modules if given."""
+    import torch
+    from safetensors.torch import save
+    cfg = engine.model_config
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(cfg.num_layers):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(2, cfg.hidden_size, generator=g)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(cfg.q_size, 2, generator=g)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": regex or ["q_proj"]}
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save(tensors)}
+
+
+def test_a_hostile_adapter_regex_is_refused_while_another_tenants_stream_keeps_its_pace(server):
+    """`(.*.*)*x` as target_modules never returned under Python's re, holding the GIL: every stream, upload
+    and health check froze. Now it is evaluated in linear time and refused, and Alice's stream never stalls."""
+    base, engine = server()
+    evil = tiny_adapter_files(engine, "(.*.*)*x")
+    ft = httpx.post(f"{base}/client/v4/accounts/bob/ai/finetunes", headers=BOB, json={"model": MODEL, "name": "evil"})
+    assert ft.status_code == 200
+    upload_url = f"{base}/client/v4/accounts/bob/ai/finetunes/evil/finetune-assets"
+
+    async def main():
+        arrivals: list[float] = []
+        upload: dict = {}
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def upload_when_streaming():
+                while len(arrivals) < 20:
+                    await asyncio.sleep(0.005)
+                start = time.monotonic()
+                for name, data in evil.items():
+                    r = await client.post(upload_url, headers=BOB, data={"file_name": name}, files={"file": ("f", data)})
+                upload.update(response=r, start=start, end=time.monotonic())
+
+            uploading = asyncio.create_task(upload_when_streaming())
+            body = {"model": MODEL, "prompt": "Count:", "max_tokens": 20000, "ignore_eos": True, "stream": True,
+                    "temperature": 0}
+            async with client.stream("POST", f"{base}/v1/completions", json=body, headers=ALICE) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        arrivals.append(time.monotonic())
+                    if upload and arrivals[-1] > upload["end"] + 0.5:     # half a second past the refusal
+                        break
+            await asyncio.wait_for(uploading, 60)
+        return arrivals, upload
+
+    arrivals, upload = asyncio.run(asyncio.wait_for(main(), 120))
+    r = upload["response"]
+    assert r.status_code == 400, r.text
+    err = r.json()["errors"][0]
+    assert err["code"] == 5006 and "(.*.*)*x" in err["message"] and "matches no module" in err["message"]
+    assert upload["end"] - upload["start"] < 10
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= upload["start"] and a <= upload["end"]]
+    assert during, "the stream must have run while the upload was checked"
+    assert max(during) < 2.0, f"the stream stalled {max(during):.2f} s during the upload"
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert wait_idle(engine)
+
+
+def test_a_restart_over_a_stored_hostile_config_comes_up_and_names_the_refusal(server, tmp_path):
+    """A data dir whose stored config never returned under Python's re (written by an older gemlora): the
+    next start comes up at once, other finetunes serve, and the hostile one answers a 400 saying why."""
+    base, engine = server()
+    ids = {}
+    for name in ("evil", "fine"):
+        r = httpx.post(f"{base}/client/v4/accounts/bob/ai/finetunes", headers=BOB, json={"model": MODEL, "name": name})
+        ids[name] = r.json()["result"]["id"]
+        for file_name, data in tiny_adapter_files(engine).items():
+            r = httpx.post(f"{base}/client/v4/accounts/bob/ai/finetunes/{name}/finetune-assets", headers=BOB,
+                           data={"file_name": file_name}, files={"file": ("f", data)})
+            assert r.status_code == 200, r.text
+    engine.shutdown()
+    config = tmp_path / "data" / "finetunes" / ids["evil"] / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": "(.*.*)*x"}))
+    os.utime(config, ns=(time.time_ns() + 10**9,) * 2)                  # the config was written last
+    # ... and its validation never finished (the old server hung in it)
+    with sqlite3.connect(tmp_path / "data" / "finetunes.sqlite3") as db:
+        db.execute("UPDATE finetunes SET summary = NULL WHERE id = ?", (ids["evil"],))
+
+    start = time.monotonic()
+    base, engine = server()
+    assert time.monotonic() - start < 60 and httpx.get(f"{base}/health").status_code == 200
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    r = httpx.post(run_url(base, "bob"), headers=BOB, json={**body, "lora": "evil"})
+    assert r.status_code == 400, r.text
+    err = r.json()["errors"][0]
+    assert err["code"] == 3039 and "cannot be used" in err["message"] and "(.*.*)*x" in err["message"]
+    assert "upload a corrected one" in err["message"] and str(tmp_path) not in err["message"]
+    assert httpx.post(run_url(base, "bob"), headers=BOB, json={**body, "lora": "fine"}).status_code == 200

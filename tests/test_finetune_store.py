@@ -383,6 +383,43 @@ def test_unvalidated_bad_adapter_found_on_restart_drops_newest_file(make_store, 
     assert again.put_asset("acct1", "lora", WEIGHTS, files[WEIGHTS])[0].ready
 
 
+@pytest.mark.timeout(60)
+def test_a_stored_hostile_config_cannot_keep_the_store_from_starting(make_store, files):
+    """The files an older gemlora (or a crash in the window between publishing and validating) left: a config
+    whose regex never returns under Python's re. The restart validates it in bounded time, drops the file
+    written last as any refusal does, and the finetune says why until a corrected file is uploaded."""
+    import os
+    import time
+    store = make_store()
+    ft = store.create("acct1", model=MODEL, name="evil")
+    ok = store.create("acct1", model=MODEL, name="fine")
+    upload_all(store, "acct1", "fine", files)
+    evil = {**json.loads(files[CONFIG]), "target_modules": "(.*.*)*x"}
+    (ft.path / CONFIG).write_text(json.dumps(evil))
+    (ft.path / WEIGHTS).write_bytes(files[WEIGHTS])
+    os.utime(ft.path / CONFIG, ns=(time.time_ns() + 10**9,) * 2)       # the config was written last
+    start = time.process_time()
+    again = make_store()
+    assert time.process_time() - start < 5
+    got = again.get("acct1", "evil")
+    assert not got.ready and got.assets == {WEIGHTS}
+    assert "refused" in got.error and "(.*.*)*x" in got.error and "matches no module" in got.error
+    assert str(again.root) not in got.error                           # the server's paths stay private
+    assert again.get("acct1", ok.id).ready
+    fixed = again.put_asset("acct1", "evil", CONFIG, files[CONFIG])[0]
+    assert fixed.ready and fixed.error is None
+    assert make_store().get("acct1", "evil").error is None
+
+
+def test_a_data_dir_from_before_the_error_column_still_opens(make_store, files):
+    store = make_store()
+    upload_all(store, "acct1", store.create("acct1", model=MODEL, name="lora").id, files)
+    with sqlite3.connect(store.db_path) as db:
+        db.execute("ALTER TABLE finetunes DROP COLUMN error")
+    again = make_store()
+    assert again.get("acct1", "lora").ready and again.get("acct1", "lora").error is None
+
+
 def test_interrupted_delete_finished_on_restart(make_store, files):
     store = make_store()
     ft = store.create("acct1", model=MODEL, name="lora")

@@ -326,6 +326,54 @@ def test_bad_config(ad, cfg, changes, fragments):
     refused(ad, cfg, *fragments)
 
 
+# Catastrophic-backtracking patterns: Python's re never returns on a real module name with these (it holds
+# the GIL while it backtracks, so one tenant's config froze the whole server). RE2 evaluates them in time
+# linear in the name; each load must finish within a second of CPU, accepted or refused.
+EVIL = "(.*.*)*x"
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    (dict(target_modules=EVIL), ["target_modules regex", "matches no module"]),
+    (dict(target_modules="(.*.*)*(q_proj|v_proj)"), []),                  # accepted: it matches both
+    (dict(exclude_modules=EVIL), []),                                     # accepted: excludes nothing
+    (dict(rank_pattern={EVIL: 2}, alpha_pattern={"(a|aa)*b": 3}), []),    # accepted: no key matches
+    (dict(layers_to_transform=[0, 1], layers_pattern=EVIL), ["does not target"]),
+])
+def test_catastrophic_patterns_are_evaluated_in_bounded_time(ad, cfg, changes, fragments):
+    import time
+    edit_config(ad, **changes)
+    start = time.process_time()
+    if fragments:
+        refused(ad, cfg, *fragments)
+    else:
+        assert load_adapter(ad, cfg).weights
+    assert time.process_time() - start < 1.0
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    (dict(target_modules=r"(.*)\1q_proj"), ["target_modules", "cannot be evaluated in bounded time"]),
+    (dict(exclude_modules=r".*(?=q_proj).*"), ["exclude_modules", "cannot be evaluated in bounded time"]),
+    (dict(rank_pattern={r"(?<!x)q_proj": 2}), ["rank_pattern key", "cannot be evaluated in bounded time"]),
+    (dict(layers_to_transform=[0], layers_pattern="(a{1000}){1000}"), ["layers_pattern", "bounded time"]),
+    (dict(target_modules="q" * 5000), ["5000 characters", "at most 4096"]),
+    (dict(rank_pattern={f"layers\\.{i}\\.x": 2 for i in range(1025)}), ["1027 patterns", "at most 1024"]),
+    (dict(target_modules=["q_proj"] * 2000), ["2000 patterns"]),
+])
+def test_patterns_beyond_a_linear_engine_are_refused_naming_them(ad, cfg, changes, fragments):
+    edit_config(ad, **changes)
+    refused(ad, cfg, *fragments)
+
+
+def test_long_module_lists_cost_a_set_lookup(ad, cfg):
+    """1,002 list entries (near the most a config may hold) are checked per name by suffix lookup."""
+    import time
+    names = [f"model.layers.{i % 6}.self_attn.{m}" for i in range(300) for m in ("q_proj", "v_proj")]
+    edit_config(ad, target_modules=["q_proj", "v_proj", *names], exclude_modules=[f"x{i}.q_proj" for i in range(400)])
+    start = time.process_time()
+    assert load_adapter(ad, cfg).weights
+    assert time.process_time() - start < 1.0
+
+
 def test_wrong_prefix(ad, cfg):
     rename_keys(ad, lambda k: k.replace("base_model.model.model.layers.", "base_model.model.transformer.h."))
     refused(ad, cfg, "unexpected tensor", "transformer.h.", "maps to no module")

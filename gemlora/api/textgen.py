@@ -45,6 +45,9 @@ async def finetune_for(store: FinetuneStore, account: str, lora: str) -> Finetun
             raise finetune_not_found(lora) from exc
         raise ApiError(exc.code, exc.status, f"AiError: AiError: {exc.message}") from exc
     if not finetune.ready:
+        if finetune.error:
+            raise ApiError(3039, 400, f"AiError: AiError: Finetune {lora} cannot be used: {finetune.error}",
+                           param="lora")
         raise finetune_missing_files()
     return finetune
 

@@ -53,6 +53,7 @@ class Finetune:
     assets: frozenset[str]
     path: Path
     summary: str | None
+    error: str | None = None     # why its stored adapter was refused when the server last started, if it was
 
     @property
     def ready(self) -> bool:

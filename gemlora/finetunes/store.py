@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS finetunes (
     created_at TEXT NOT NULL,
     modified_at TEXT NOT NULL,
     summary TEXT,
+    error TEXT,
     UNIQUE (account_id, name)
 );
 CREATE INDEX IF NOT EXISTS finetunes_public ON finetunes (public) WHERE public = 1;
@@ -101,6 +102,8 @@ class FinetuneStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            if "error" not in {r["name"] for r in db.execute("PRAGMA table_info(finetunes)")}:
+                db.execute("ALTER TABLE finetunes ADD COLUMN error TEXT")    # a data dir from before the column
         self.recover()
 
     # ---- queries -------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class FinetuneStore:
                                     "finetune, since assets cannot be replaced)") from None
                 raise
             with self._tx() as db:
-                db.execute("UPDATE finetunes SET summary = ?, modified_at = ? WHERE id = ?",
+                db.execute("UPDATE finetunes SET summary = ?, error = NULL, modified_at = ? WHERE id = ?",
                            (summary, now_iso(), fid))
         finetune = self._row_to_finetune(self._row(fid))
         with self._db() as db:
@@ -336,17 +339,26 @@ class FinetuneStore:
         try:
             summary = str(self.validate(folder))
         except ValueError as exc:
-            # as put_asset would have done: drop the file written last, so a corrected one can be sent
+            # as put_asset would have done: drop the file written last, so a corrected one can be sent; the
+            # finetune says why until then (validation is bounded, gemlora.lora.patterns: it cannot hang here)
             newest = max((folder / n for n in ASSET_NAMES), key=lambda p: p.stat().st_mtime_ns)
             log.warning("finetune %s (%s): adapter refused on recovery, removing %s: %s", row["name"], fid,
                         newest.name, exc)
             self._drop_asset(fid, newest)
+            self._set_error(fid, f"its adapter was refused: {_scrub(str(exc), folder, row['name'])} "
+                                 f"({newest.name} was removed: upload a corrected one)")
             return
-        except Exception:   # not a refusal (e.g. an I/O error): keep the files, try again next startup
+        except Exception as exc:   # not a refusal (e.g. an I/O error): keep the files, try again next startup
             log.exception("finetune %s (%s): could not validate its adapter; it stays unready", row["name"], fid)
+            self._set_error(fid, f"its adapter could not be checked when the server started ({type(exc).__name__}); "
+                                 "the server retries at its next start")
             return
         with self._tx() as db:
-            db.execute("UPDATE finetunes SET summary = ? WHERE id = ?", (summary, fid))
+            db.execute("UPDATE finetunes SET summary = ?, error = NULL WHERE id = ?", (summary, fid))
+
+    def _set_error(self, fid: str, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE finetunes SET error = ? WHERE id = ?", (error, fid))
 
     def _scan_public(self) -> dict[str, Finetune]:
         return {a.id: Finetune(id=a.id, account_id=PUBLIC_ACCOUNT, name=a.name, model=a.model, description="",
@@ -397,7 +409,7 @@ class FinetuneStore:
                         description=row["description"], public=bool(row["public"]), created_at=row["created_at"],
                         modified_at=row["modified_at"],
                         assets=frozenset(n for n in ASSET_NAMES if (path / n).is_file()),
-                        path=path, summary=row["summary"])
+                        path=path, summary=row["summary"], error=row["error"])
 
 
 def _row_to_asset(row: sqlite3.Row) -> Asset:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gemlora.lora.patterns import FirstMatch, PatternError, check_count, compile_pattern
 from gemlora.model.config import GemmaConfig
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -115,6 +116,12 @@ class _Spec:
     exclude: list[str] | str | None
     layers: list[int] | int | None
     layers_pattern: list[str] | str | None
+    # the patterns above, compiled by RE2 (gemlora.lora.patterns: linear time in the name, never backtracking)
+    targets_re: Any = None
+    exclude_re: Any = None
+    layer_res: tuple = ()
+    rank_keys: FirstMatch = field(default_factory=lambda: FirstMatch((), ""))
+    alpha_keys: FirstMatch = field(default_factory=lambda: FirstMatch((), ""))
 
 
 def load_adapter(path: str | Path, model_cfg: GemmaConfig, *, max_rank: int = 32,
@@ -196,18 +203,22 @@ def _parse_config(c: dict[str, Any], file: Path, model_cfg: GemmaConfig) -> _Spe
         if not 0 <= i < model_cfg.num_layers:
             raise bad(f"layers_to_transform names layer {i} but the base model has {model_cfg.num_layers} "
                       "layers; trained for another base model?")
-    regexes = [("target_modules", targets), ("exclude_modules", exclude)]  # PEFT fullmatches these if str
-    regexes += [("layers_pattern", p) for p in ([layers_pattern] if isinstance(layers_pattern, str) else
-                                                 layers_pattern or [])]
-    regexes += [("rank_pattern key", k) for k in rank_pattern] + [("alpha_pattern key", k) for k in alpha_pattern]
-    for what, pattern in regexes:
-        try:
-            if isinstance(pattern, str):
-                re.compile(pattern)
-        except re.error as e:
-            raise bad(f"{what} {pattern!r} is not a valid regex ({e})") from None
+    lists = [v for v in (targets, exclude, layers_pattern) if isinstance(v, list)]
+    try:
+        check_count([len(v) for v in lists] + [len(rank_pattern), len(alpha_pattern)])
+        # PEFT fullmatches target_modules / exclude_modules when they are strings
+        targets_re = compile_pattern(targets, "target_modules") if isinstance(targets, str) else None
+        exclude_re = compile_pattern(exclude, "exclude_modules") if isinstance(exclude, str) else None
+        # lazy .*? so that the first numbered segment is taken as the layer index
+        layer_res = tuple(compile_pattern(p, "layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+                          for p in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []))
+        rank_keys, alpha_keys = FirstMatch(rank_pattern, "rank_pattern"), FirstMatch(alpha_pattern, "alpha_pattern")
+    except PatternError as e:
+        raise bad(str(e)) from None
     return _Spec(r=r, alpha=float(alpha), rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                 targets=targets, exclude=exclude, layers=layers, layers_pattern=layers_pattern)
+                 targets=targets, exclude=exclude, layers=layers, layers_pattern=layers_pattern,
+                 targets_re=targets_re, exclude_re=exclude_re, layer_res=layer_res,
+                 rank_keys=rank_keys, alpha_keys=alpha_keys)
 
 
 def _read_weights(f: Any, file: Path, spec: _Spec, model_cfg: GemmaConfig, max_rank: int,
@@ -261,13 +272,13 @@ def _read_weights(f: Any, file: Path, spec: _Spec, model_cfg: GemmaConfig, max_r
                                f"base model, which needs [r, {in_f}] / [{out_f}, r]; trained for another base model?")
         if shape_a[0] != shape_b[1]:
             raise AdapterError(f"{file}: {name}: rank mismatch, lora_A has rank {shape_a[0]} but lora_B {shape_b[1]}")
-        r = _pattern_value(spec.rank_pattern, name, spec.r)
+        r = _pattern_value(spec.rank_pattern, spec.rank_keys, name, spec.r)
         if shape_a[0] != r:
             raise AdapterError(f"{file}: {name}: tensors have rank {shape_a[0]} but {CONFIG_FILE} says {r} "
                                "(r / rank_pattern)")
         if r > max_rank:
             raise AdapterError(f"{file}: {name}: rank {r} exceeds max_rank {max_rank}")
-        alpha = float(_pattern_value(spec.alpha_pattern, name, spec.alpha))
+        alpha = float(_pattern_value(spec.alpha_pattern, spec.alpha_keys, name, spec.alpha))
         scale = alpha / math.sqrt(r) if spec.rslora else alpha / r
         a, b = _tensor(f, key_a, file), _tensor(f, key_b, file)
         weights[i, m] = LoRAWeights(A=a.contiguous(), B=(b * scale).contiguous())
@@ -285,37 +296,43 @@ def _tensor(f: Any, key: str, file: Path) -> torch.Tensor:
     return t
 
 
+_ANY_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")   # ours, not the tenant's: Python's re is safe here
+
+
 def _peft_targets(spec: _Spec, name: str) -> bool:
     """peft.tuners.tuners_utils.check_target_module_exists, for the options we accept."""
+    suffixes = _dotted_suffixes(name)
     ex = spec.exclude
-    if isinstance(ex, str) and re.fullmatch(ex, name):
+    if spec.exclude_re is not None and spec.exclude_re.fullmatch(name):
         return False
-    if isinstance(ex, list) and (name in ex or any(name.endswith(f".{e}") for e in ex)):
+    if isinstance(ex, list) and (name in ex or not suffixes.isdisjoint(ex)):
         return False
-    if isinstance(spec.targets, str):
-        return re.fullmatch(spec.targets, name) is not None
+    if spec.targets_re is not None:
+        return spec.targets_re.fullmatch(name) is not None
     if name in spec.targets:  # an exact module name bypasses layers_to_transform, as in PEFT
         return True
-    if not any(name.endswith(f".{t}") for t in spec.targets):
+    if suffixes.isdisjoint(spec.targets):
         return False
     if spec.layers is None or spec.layers == []:
         return True
-    patterns = [spec.layers_pattern] if isinstance(spec.layers_pattern, str) else spec.layers_pattern or []
-    # lazy .*? so that the first numbered segment is taken as the layer index
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next((m for rx in regexes if (m := re.match(rx, name))), None)
+    match = (next((m for rx in spec.layer_res if (m := rx.match(name))), None) if spec.layer_res
+             else _ANY_LAYER.match(name))
     if match is None:
         return False
-    idx = int(match["idx"])
+    idx = int(match.group("idx"))
     return idx == spec.layers if isinstance(spec.layers, int) else idx in spec.layers
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+def _dotted_suffixes(name: str) -> set[str]:
+    """The strings t with name.endswith("." + t): "a.b.c" -> {"b.c", "c"} (PEFT's list-entry rule)."""
+    parts = name.split(".")
+    return {".".join(parts[i:]) for i in range(1, len(parts))}
+
+
+def _pattern_value(patterns: dict[str, Any], keys: FirstMatch, name: str, default: Any) -> Any:
     """peft.utils.other.get_pattern_key: the first key (in file order) matching a dotted suffix of name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
-    return patterns.get(name, default)
+    key = keys.first(name)
+    return patterns[key] if key is not None else patterns.get(name, default)
 
 
 def _names(prefix: str, cfg: GemmaConfig) -> dict[tuple[int, str], str]:
@@ -325,13 +342,14 @@ def _names(prefix: str, cfg: GemmaConfig) -> dict[tuple[int, str], str]:
 
 def _check_targets_supported(spec: _Spec, names: list[str], file: Path) -> None:
     supported = ", ".join(TARGET_MODULES)
-    if isinstance(spec.targets, str):
-        if not any(re.fullmatch(spec.targets, n) for n in names):
+    if spec.targets_re is not None:
+        if not any(spec.targets_re.fullmatch(n) for n in names):
             raise AdapterError(f"{file}: target_modules regex {spec.targets!r} matches no module LoRA can patch "
                                f"in this base model (e.g. {names[0]!r}; supported: {supported})")
         return
+    known = set(names).union(*map(_dotted_suffixes, names))
     for t in spec.targets:
-        if not any(n == t or n.endswith(f".{t}") for n in names):
+        if t not in known:
             raise AdapterError(f"{file}: target_modules entry {t!r} is unsupported: it names no module LoRA can "
                                f"patch in this base model (supported: {supported})")
 
