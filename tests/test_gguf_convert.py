@@ -164,7 +164,8 @@ def test_bad_paths(tmp_path):
     (tmp_path / "not-gguf.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(ValueError, match="not-gguf.gguf is not a readable GGUF"):
         resolve_model_dir(tmp_path / "not-gguf.gguf", cache_dir=tmp_path / "cache")
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()], "a failed conversion left a folder"
+    left = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "gguf-hashes"]  # hash memos
+    assert not left, "a failed conversion left a folder"
 
 
 def test_checkpoint_folder_is_used_as_is(tmp_path):
@@ -262,7 +263,7 @@ def test_concurrent_first_starts_convert_once(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(source, "convert_gguf", fake_convert)
-    stale = cache / f".m-{source.gguf_cache_key(gguf_file)}.partial-dead"
+    stale = cache / f".m-{source.gguf_cache_key(gguf_file, cache_dir=cache)}.partial-dead"
     stale.mkdir(parents=True)
     with ThreadPoolExecutor(2) as pool:  # flock excludes separate open()s, threads included
         results = list(pool.map(lambda _: resolve_model_dir(gguf_file, cache_dir=cache), range(2)))
@@ -274,4 +275,26 @@ def test_cache_key_tracks_content(tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     a.write_bytes(b"x" * 3_000_000)
     b.write_bytes(b"x" * 2_999_999 + b"y")
-    assert source.gguf_cache_key(a) != source.gguf_cache_key(b)
+    assert source.gguf_cache_key(a, cache_dir=tmp_path) != source.gguf_cache_key(b, cache_dir=tmp_path)
+
+
+def test_cache_key_sees_a_change_in_the_middle_of_the_file_and_hashes_once_per_change(tmp_path, monkeypatch):
+    """The old key read the size and the first and last MiB: two fine-tunes of one base differing only in
+    their tensors shared one conversion. Now the whole content counts, hashed again only when the file's
+    (path, size, mtime, inode) change."""
+    import hashlib
+    gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    data = bytearray(b"GGUF" + bytes(5_000_000))
+    gguf_file.write_bytes(data)
+    first = source.gguf_cache_key(gguf_file, cache_dir=cache)
+    assert first.endswith(f"-v{gguf_convert.CONVERTER_VERSION}")
+    reads = []
+    real_sha = hashlib.sha256
+    monkeypatch.setattr(source.hashlib, "sha256", lambda *a: reads.append(a) or real_sha(*a))
+    assert source.gguf_cache_key(gguf_file, cache_dir=cache) == first
+    assert not [a for a in reads if not a]                      # remembered: the content was not hashed again
+    data[2_500_000] = 1                                         # same size, same first and last MiB
+    gguf_file.write_bytes(data)
+    second = source.gguf_cache_key(gguf_file, cache_dir=cache)
+    assert second != first
+    assert second == f"{real_sha(bytes(data)).hexdigest()[:16]}-v{gguf_convert.CONVERTER_VERSION}"

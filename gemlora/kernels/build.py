@@ -1,8 +1,10 @@
 """Builds and loads gemlora's C++ CPU kernels (gemlora/kernels/cpu/*.cpp) as one torch extension.
 
-Built from source on first use with torch.utils.cpp_extension (about a minute on 2 cores) into
-~/.cache/gemlora/kernels/<hash of the sources and torch version>, so later starts load it at once
-and a changed source is rebuilt. Base code is compiled for plain x86-64; each vector path carries
+Built from source once per install with torch.utils.cpp_extension (a minute or two on 2 cores) into
+<cache>/kernels/<name>_<key>.so, the key hashing the sources, flags, torch and the interpreter's ABI; every
+later start of any process with the same key loads that file directly, without a lock, and a changed
+source is rebuilt. The model loader asks for the library at start, so a build never happens inside a
+request's first step. Base code is compiled for plain x86-64; each vector path carries
 its own target attribute and is picked at run time by what the CPU has, capped by GEMLORA_CPU_ISA
 (avx2 or scalar: run a narrower CPU's paths on a wider one). With no compiler (or with
 GEMLORA_NO_KERNELS set) `extension()` warns once and returns None, and callers take their plain
@@ -12,12 +14,24 @@ torch paths. Knows compilers and files; nothing of models or formats.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
+
+from gemlora.disk_cache import cache_dir, exclusive
 
 log = logging.getLogger("gemlora.kernels")
 
@@ -52,16 +66,9 @@ def extension():
 
 def _build():
     try:
-        from torch.utils.cpp_extension import load
-        digest = hashlib.sha256(torch.__version__.encode())
-        for path in _SOURCES + _HEADERS:
-            digest.update(path.name.encode() + path.read_bytes())
-        key = digest.hexdigest()[:16]
-        cache = Path(os.environ.get("GEMLORA_CACHE", "~/.cache/gemlora")).expanduser() / "kernels" / key
-        cache.mkdir(parents=True, exist_ok=True)
         # -ffp-contract=off: the scalar dequantization must round like the reference (no fused a*b+c)
-        ext = load(name=f"gemlora_kernels_{key}", sources=[str(p) for p in _SOURCES], build_directory=str(cache),
-                   extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        ext = compiled("gemlora_kernels", _SOURCES, _HEADERS, cflags=("-O3", "-ffp-contract=off", "-fopenmp"),
+                       ldflags=("-fopenmp",))
         log.info("CPU kernels loaded (%s path)", ext.cpu_isa())
         return ext
     except Exception as exc:   # no compiler, no headers, a build error: stay correct, just slower
@@ -69,3 +76,74 @@ def _build():
         log.warning("could not build gemlora's CPU kernels (%s); quantized weights are dequantized per call "
                     "instead, which is much slower. Install a C++ compiler (g++) for the fast path.", detail)
         return None
+
+
+def library_key(name: str, sources: Sequence[Path], headers: Sequence[Path] = (), cflags: Sequence[str] = (),
+                ldflags: Sequence[str] = ()) -> str:
+    """What the built library depends on: its sources, flags, torch's version and C++ ABI, and the
+    interpreter's extension ABI (a cpython-311 build cannot load in 3.12). Not the interpreter's path:
+    two virtualenvs with the same Python and torch share one build."""
+    digest = hashlib.sha256()
+    for part in (name, torch.__version__, str(torch.compiled_with_cxx11_abi()), sysconfig.get_config_var("EXT_SUFFIX"),
+                 platform.machine(), *cflags, "|", *ldflags):
+        digest.update(str(part).encode() + b"\0")
+    for path in (*sources, *headers):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def compiled(name: str, sources: Sequence[Path], headers: Sequence[Path] = (), cflags: Sequence[str] = (),
+             ldflags: Sequence[str] = (), wait_s: float | None = None) -> ModuleType:
+    """The Python extension module built from `sources`, loaded straight from the cache
+    (`<cache>/kernels/<name>_<key>.so`) when any process built it before; otherwise built once, by one
+    process, in a child interpreter and a fresh folder, then renamed into place whole. Waiting on another
+    builder is said and bounded (gemlora.disk_cache.exclusive); a build killed at any point leaves nothing a
+    later start waits on."""
+    full = f"{name}_{library_key(name, sources, headers, cflags, ldflags)}"
+    root = cache_dir() / "kernels"
+    target = root / f"{full}.so"
+    if not target.is_file():
+        with exclusive(root / f"{full}.lock", f"the C++ library {full}", target.is_file, wait_s) as must_build:
+            if must_build:
+                _build_into(target, full, sources, cflags, ldflags)
+    return _load(full, target)
+
+
+def _build_into(target: Path, full: str, sources: Sequence[Path], cflags: Sequence[str],
+                ldflags: Sequence[str]) -> None:
+    """Under the lock: compile in a child interpreter (torch's `load` imports what it builds; the parent
+    loads the final file once) in a fresh folder, and rename the library into `target`."""
+    for stale in target.parent.glob(f"{full}.build-*"):       # left by a builder that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{full}.build-", dir=target.parent))
+    log.warning("building the C++ library %s (once for this torch and Python; a minute or two on 2 cores)", full)
+    args = dict(name=full, sources=[str(p) for p in sources], build_directory=str(work), extra_cflags=list(cflags),
+                extra_ldflags=list(ldflags), verbose=False)
+    try:
+        out = subprocess.run([sys.executable, "-c", _BUILDER, json.dumps(args)], capture_output=True, text=True)
+        if out.returncode != 0:    # the compiler's words, not the child's traceback
+            report = (out.stderr or out.stdout).strip()
+            report = report[report.find("Error building extension"):] if "Error building extension" in report else report
+            raise RuntimeError(f"building {full} failed: {report[-3000:]}")
+        os.replace(work / f"{full}.so", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# The child dies with its parent (Linux), so a killed start leaves no compiler running behind it.
+_BUILDER = """
+import ctypes, json, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+except Exception:
+    pass
+from torch.utils.cpp_extension import load
+load(**json.loads(sys.argv[1]))
+"""
+
+
+def _load(full: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(full, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

