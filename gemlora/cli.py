@@ -117,6 +117,8 @@ def serve(
                                          envvar=_env("max_input_length")),
     max_finetunes_per_account: int = typer.Option(30, envvar=_env("max_finetunes_per_account")),
     max_adapter_mb: int = typer.Option(300, help="Largest adapter file accepted, MiB", envvar=_env("max_adapter_mb")),
+    max_body_mb: float = typer.Option(8.0, help="Largest request body but an adapter upload, MiB (413 beyond)",
+                                      envvar=_env("max_body_mb")),
     max_loras: int = typer.Option(8, help="Adapter slots next to the model", envvar=_env("max_loras")),
     max_cpu_loras: int = typer.Option(64, help="Adapters kept in RAM", envvar=_env("max_cpu_loras")),
     max_lora_rank: int = typer.Option(32, envvar=_env("max_lora_rank")),
@@ -179,7 +181,8 @@ def serve(
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
     settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
                               max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
-                              max_adapter_file_bytes=max_adapter_mb * 2**20, public_adapters_dir=public_adapters_dir)
+                              max_adapter_file_bytes=max_adapter_mb * 2**20, max_body_bytes=int(max_body_mb * 2**20),
+                              public_adapters_dir=public_adapters_dir)
     if replicas > 1 or ray_address:
         try:
             from gemlora.cluster.application import ROUTERS, serve_replicas

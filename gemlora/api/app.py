@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from gemlora.api.auth import Auth
+from gemlora.api.body_limit import BodyLimit
 from gemlora.api.disconnect import ClientDisconnected
 from gemlora.api.errors import ApiError
 from gemlora.api.metrics import Metrics
@@ -45,7 +46,17 @@ class ServerSettings:
     max_input_length: int = 4096                 # characters, per prompt or message (the seed schema)
     max_finetunes_per_account: int = 30
     max_adapter_file_bytes: int = 300 * 2**20
+    max_body_bytes: int = 8 * 2**20              # any request body but an adapter upload's
     public_adapters_dir: Path | None = None
+
+    # multipart's boundaries and headers around one adapter file
+    UPLOAD_OVERHEAD_BYTES = 64 * 2**10
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to `path` may send (gemlora.api.body_limit)."""
+        if path.rstrip("/").endswith("/finetune-assets"):
+            return self.max_adapter_file_bytes + self.UPLOAD_OVERHEAD_BYTES
+        return self.max_body_bytes
 
 
 @dataclass(slots=True)
@@ -102,6 +113,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
     app.include_router(openai_api.router, prefix="/client/v4/accounts/{account_id}/ai")
     app.include_router(openai_api.router, prefix="/accounts/{account_id}/ai")
     app.include_router(playground.router)      # the web page at / and /playground (static files only)
+    app.add_middleware(BodyLimit, limit_for=settings.body_limit)
 
     @app.middleware("http")
     async def request_id_and_metrics(request: Request, call_next):

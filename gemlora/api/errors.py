@@ -128,9 +128,9 @@ def context_window(estimated: int, limit: int) -> ApiError:
                                f"({estimated}) exceeded this model context window limit ({limit}).")
 
 
-def request_too_large() -> ApiError:
-    """3006 / 413, Workers AI's official text."""
-    return ApiError(3006, 413, "Request is too large")
+def request_too_large(detail: str | None = None) -> ApiError:
+    """3006 / 413, Workers AI's official text (and what was too large)."""
+    return ApiError(3006, 413, f"Request is too large: {detail}" if detail else "Request is too large")
 
 
 def capacity_exceeded() -> ApiError:

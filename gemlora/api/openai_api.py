@@ -61,7 +61,8 @@ async def _complete(request: Request, chat: bool):
     ctx = request.app.state.ctx
     account = _account(request)
     parse = parse_chat_completion if chat else parse_completion
-    model, req = parse(await request.body(), max_length=ctx.settings.max_input_length)
+    # pydantic and the body walk off the event loop: a large body must not stall other streams
+    model, req = await asyncio.to_thread(parse, await request.body(), max_length=ctx.settings.max_input_length)
     req = await _with_model(ctx, account, model, req)
     record = ctx.metrics.record(request.state.request_id, account, req.lora)
     chunks = await ctx.textgen.stream(account, req, request.state.request_id)

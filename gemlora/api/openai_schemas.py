@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, Validati
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import ApiError
-from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MESSAGE_ROLES, GenerateRequest, Int, Raw,
+from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MAX_MESSAGES, MESSAGE_ROLES, GenerateRequest, Int, Raw,
                                  _check_max_length, _crossed_bound, _json_object, _json_type, _lone_surrogate, _rest,
                                  output_format)
 from gemlora.structured.output_format import OutputFormatError
@@ -102,7 +102,7 @@ class _OpenAICommon(BaseModel):
 
 
 class _Chat(_OpenAICommon):
-    messages: list[_ChatMessage] = Field(min_length=1)
+    messages: list[_ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool | None = None
     top_logprobs: Int | None = None
 

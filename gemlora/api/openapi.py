@@ -20,7 +20,7 @@ import copy
 from collections.abc import Sequence
 
 from gemlora.api.openai_schemas import MAX_STOP, OPENAI_ROLES
-from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
+from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
 from gemlora.finetunes.files import ASSET_NAMES
 from gemlora.sampling import MAX_LOGPROBS
 
@@ -227,7 +227,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                   "properties": {"prompt": prompt, **run_fields}}
     run_messages = {"title": "Messages", "type": "object", "required": ["messages"],
                     "not": {"required": ["prompt"]},
-                    "properties": {"messages": {"type": "array", "minItems": 1, "items": run_message},
+                    "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": run_message},
                                    **run_fields}}
 
     oai_model = {"anyOf": [{"enum": names}, {"type": "string", "minLength": 1}],
@@ -384,7 +384,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                     "description": "The file's bytes, as a file part (with a filename)."}}},
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"], "allOf": [lora_needs_base, top_needs_logprobs],
-            "properties": {"messages": {"type": "array", "minItems": 1, "items": chat_message}, **oai_common,
+            "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
+                                        "items": chat_message}, **oai_common,
                            "logprobs": _nullable({"type": "boolean", "description": "Return each output token's "
                                                                                    "log-probability."}),
                            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
@@ -618,10 +619,14 @@ def _run_operation() -> dict:
             "404": _wai("3037: no finetune of that id or name for this account, nor a public one.", {
                 "unknown-finetune": _ex(_wai_err(3037, f"AiError: AiError: Finetune nope not found ({_RID})"),
                                         "A finetune that does not exist")}),
-            "413": _wai("5021: prompt tokens + max_tokens exceed the context window.", {
+            "413": _wai("5021: prompt tokens + max_tokens exceed the context window. 3006: the body is over the "
+                        "server's limit (`--max-body-mb`, 8 MiB by default), refused before it is read.", {
                 "context-window": _ex(_wai_err(5021, "AiError: Ai: The estimated number of input and maximum "
                                                      "output tokens (1000010) exceeded this model context window "
-                                                     f"limit (29120). ({_RID})"), "More tokens than the window")}),
+                                                     f"limit (29120). ({_RID})"), "More tokens than the window"),
+                "body-too-large": _ex(_wai_err(3006, "Request is too large: the body (52428800 bytes) is over "
+                                                     f"this route's limit of 8388608 bytes ({_RID})"),
+                                      "A 50 MB body")}),
             "429": _wai("3040: `options.rejectIfBusy` while requests are waiting.", {
                 "busy": _ex(_wai_err(3040, "Capacity temporarily exceeded, please try again."), "rejectIfBusy")}),
             **_WAI_ENGINE,
@@ -802,7 +807,8 @@ def _finetune_operations() -> dict:
                                                         "it must be one of adapter_config.json or "
                                                         f"adapter_model.safetensors ({_RID})"), "Another file")}),
                 **_WAI_AUTH, "404": not_found,
-                "413": _wai("3006: a file over the size limit (per file).", {
+                "413": _wai("3006: a file over the size limit (per file), or a body over it and 64 KiB of "
+                            "multipart framing (refused as it arrives, before the rest is read).", {
                     "too-large": _ex(_wai_err(3006, "Request is too large: adapter_model.safetensors is larger "
                                                     "than the limit of 314572800 bytes (300 MiB)"), "Too large")}),
                 **_wai_unexpected()}},
@@ -833,7 +839,8 @@ def _openai_operations() -> dict:
                     "`lora` names no finetune.", {
                         "unknown-model": _ex(_oai_err("The model `gpt-4` does not exist", "not_found_error", "model",
                                                       "model_not_found"), "An unknown model")}),
-        "413": _oai("Prompt tokens + max_tokens exceed the context window.", {
+        "413": _oai("Prompt tokens + max_tokens exceed the context window, or the body is over the server's "
+                    "limit (`--max-body-mb`; code `request_too_large`).", {
             "context-window": _ex(_oai_err("The estimated number of input and maximum output tokens (1000010) "
                                            "exceeded this model context window limit (29120).",
                                            "invalid_request_error", None, "context_length_exceeded"),

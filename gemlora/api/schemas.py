@@ -181,6 +181,7 @@ def _rest(exc: InvalidRequestError) -> str:
 # Workers AI: the two oneOf branches of the gemma-7b-it-lora input schema
 
 MAX_STOP_STRINGS = 16
+MAX_MESSAGES = 1024          # turns in one request, on both APIs (neither publishes a limit; a bound must exist)
 
 
 def _stop_strings(value: Any, info: ValidationInfo) -> tuple[str, ...]:
@@ -250,7 +251,7 @@ class _RunPrompt(_RunCommon):
 class _RunMessages(_RunCommon):
     # `raw` is accepted here too (newer schemas list it) but ignored: messages are always templated,
     # as Workers AI's own SDK does. Cloudflare's LoRA examples send messages with "raw": "true".
-    messages: list[_RunMessage] = Field(min_length=1)
+    messages: list[_RunMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 _RUN_FIELDS = (set(_RunPrompt.model_fields) | set(_RunMessages.model_fields)
@@ -345,6 +346,8 @@ def _workers_ai_text(err: dict) -> str:
         return f"'{where}' must NOT have more than {ctx['max_length']} characters"
     if kind == "too_short":
         return f"'{where}' must NOT have fewer than {ctx['min_length']} items"
+    if kind == "too_long":
+        return f"'{where}' must NOT have more than {ctx['max_length']} items"
     return f"'{where}' {err['msg']}"
 
 

@@ -76,10 +76,15 @@ class TextGeneration:
             text = format_chat(req.messages) if req.messages is not None else format_prompt(req.prompt, raw=req.raw)
         except ValueError as exc:
             raise bad_input(str(exc), "messages") from exc
-        ids = self.engine.tokenizer.encode(text)
         # Workers AI's rule (5021): prompt + max_tokens must fit. The engine itself only needs the prompt
         # to fit, and ends a generation at the window (finish "length"), for callers that want that.
         limit = self.engine.max_model_len
+        # A long text that cannot fit whatever its tokens is refused before tokenizing it, which costs more
+        # than linear time (x2: a normalizer may shorten the text); a short one is counted exactly
+        at_least = len(text) // (2 * self.engine.tokenizer.max_token_chars)
+        if len(text) > 65536 and at_least + req.params.max_tokens > limit:
+            raise context_window(at_least + req.params.max_tokens, limit)
+        ids = self.engine.tokenizer.encode(text)
         if len(ids) + req.params.max_tokens > limit:
             raise context_window(len(ids) + req.params.max_tokens, limit)
         return ids
@@ -92,7 +97,7 @@ class TextGeneration:
         if req.reject_if_busy and self.engine.stats().waiting:
             raise capacity_exceeded()
         adapter_id = await self.adapter_for(account, req.lora)
-        ids = self.prompt_ids(req)
+        ids = await asyncio.to_thread(self.prompt_ids, req)      # templating and tokenizing: off the loop
         constraint = None
         if req.output_format is not None:
             try:      # salted by account, as the prefix cache: no tenant learns another's schemas by timing

@@ -46,7 +46,8 @@ async def run(account_id: str, model: str, request: Request):
     account = _account(request, account_id)
     if model not in ctx.settings.model_names:
         raise no_such_model(model)
-    req = parse_run_body(await request.body(), max_length=ctx.settings.max_input_length)
+    # pydantic and the body walk off the event loop: a large body must not stall other streams
+    req = await asyncio.to_thread(parse_run_body, await request.body(), max_length=ctx.settings.max_input_length)
     record = ctx.metrics.record(request.state.request_id, account, req.lora)
     chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     if req.stream:
@@ -107,10 +108,10 @@ def api_error_of(exc: FinetuneError) -> ApiError:
 async def create_finetune(account_id: str, request: Request):
     ctx = request.app.state.ctx
     account = _account(request, account_id)
-    body = _json_object(await request.body())       # None for anything but a JSON object (NaN, too deep...)
+    body = await asyncio.to_thread(_json_object, await request.body())   # None for anything but a JSON object
     if body is None:
         raise bad_input("the body must be a JSON object with model and name")
-    where = _lone_surrogate(body)
+    where = await asyncio.to_thread(_lone_surrogate, body)
     if where is not None:                            # SQLite cannot store it
         raise bad_input(f"'{_pointer(where)}' is not valid Unicode text (it holds a lone UTF-16 surrogate)")
     model, name = body.get("model"), body.get("name")
@@ -152,6 +153,8 @@ async def upload_asset(account_id: str, finetune: str, request: Request):
     account = _account(request, account_id)
     try:
         form = await request.form(max_part_size=ctx.settings.max_adapter_file_bytes)
+    except ApiError:           # over the body limit (gemlora.api.body_limit): already the envelope's 413
+        raise
     except Exception as exc:   # malformed multipart: the client's fault, in the envelope
         raise bad_input(f"expected multipart/form-data with file_name and file ({exc})") from exc
     file_name, upload = form.get("file_name"), form.get("file")

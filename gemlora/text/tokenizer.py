@@ -7,6 +7,7 @@ the engine, KV cache or HTTP.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,11 +64,19 @@ class Tokenizer:
         # The post-processor is bypassed (add_special_tokens=False) and BOS prepended here, so
         # BOS appears once whether or not tokenizer.json's post-processor also adds it.
         # Special-token strings in `text` (e.g. "<start_of_turn>") still map to their ids.
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it releases the GIL, so a long text tokenized on a worker thread
+        # does not stall the event loop or the engine (encode holds it for the whole text)
+        ids = self._tk.encode_batch([text], add_special_tokens=False)[0].ids
         # A raw prompt written with HF's template already starts with <bos>: never send two.
         if add_bos and self.add_bos_token and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (so a text of n characters has at least
+        n / max_token_chars tokens, before normalization)."""
+        return max(1, max(len(t) for t in self._tk.get_vocab(with_added_tokens=True)))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
