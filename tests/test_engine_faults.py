@@ -158,3 +158,84 @@ def test_token_slice_reads_across_prompt_and_output():
     for start in range(5):
         for n in range(1, 6 - start):
             assert r.token_slice(start, n) == [1, 2, 3, 4, 5][start:start + n]
+
+
+class _Grammar:
+    """A constraint allowing every token, whose accept raises at its `fail_at`-th token."""
+
+    def __init__(self, vocab: int, fail_at: int):
+        self.vocab, self.fail_at, self.seen = vocab, fail_at, 0
+
+    def fill_bitmask(self, bitmask, row):
+        bitmask[row] = -1
+
+    def accept(self, token):
+        self.seen += 1
+        if self.seen == self.fail_at:
+            raise RuntimeError("grammar state corrupt (injected)")
+
+    @property
+    def finished(self):
+        return False
+
+
+def test_a_request_failing_after_its_step_ends_alone_and_its_batch_mates_go_on(tiny):
+    """postprocess (a grammar's accept, the prefix cache's naming) ran outside the step's guard: its error
+    failed every running and waiting request. Now only that request ends."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
+    clean = make_engine(tiny, max_num_seqs=4)
+    want = [clean.add_request(p, GREEDY) for p in prompts]
+    ref = drain(clean)
+
+    engine = make_engine(tiny, max_num_seqs=4)
+    bad = engine.add_request([3, 4, 5], GREEDY, constraint=_Grammar(tiny.cfg.vocab_size, fail_at=3))
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    outs = drain(engine)
+    assert outs[bad][-1].finish_reason is FinishReason.ERROR and "grammar state corrupt" in outs[bad][-1].error
+    assert sum(len(o.new_token_ids) for o in outs[bad]) == 2        # the token it failed on is not delivered
+    for rid, rrid in zip(ids, want):
+        assert [t for o in outs[rid] for t in o.new_token_ids] == [t for o in ref[rrid] for t in o.new_token_ids]
+        assert outs[rid][-1].finish_reason is FinishReason.LENGTH
+    assert engine.blocks.num_used == 0 and engine.stats().failed_steps == 0
+
+
+def test_a_generate_cancelled_while_its_adapter_loads_gives_its_pin_back(async_engine, tmp_path, monkeypatch):
+    """Ray Serve cancels a closed stream's call, possibly while the adapter is being read on a worker
+    thread: the thread finishes acquire, and nobody released that pin (the adapter could never leave RAM,
+    nor its finetune be deleted)."""
+    import time
+
+    from test_lora_registry import write_adapter
+    ref = async_engine.registry.register(write_adapter(tmp_path / "a", async_engine.model_config), name="slow")
+    acquire, entered, returned = async_engine.registry.acquire, threading.Event(), threading.Event()
+
+    def slow_acquire(name):
+        entered.set()
+        time.sleep(0.5)
+        try:
+            return acquire(name)
+        finally:
+            returned.set()
+
+    monkeypatch.setattr(async_engine.registry, "acquire", slow_acquire)
+
+    async def main():
+        async def consume():
+            async for _ in async_engine.generate([2, 5, 6], GREEDY, lora="slow"):
+                pass
+        task = asyncio.create_task(consume())
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:                    # the worker thread lands after its 0.5 s
+            if returned.is_set() and async_engine.registry.in_flight(ref) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert returned.is_set()
+
+    asyncio.run(main())
+    assert async_engine.registry.in_flight(ref) == 0
+    async_engine.registry.unregister("slow")                  # not refused as "in use"

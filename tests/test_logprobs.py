@@ -242,3 +242,19 @@ def test_bad_logprobs_options_are_a_400_naming_them(path, body, param):
     with pytest.raises(ApiError) as err:
         parse(json.dumps({"model": MODEL, **body}).encode())
     assert err.value.status == 400 and err.value.param == param, err.value
+
+
+def test_a_draw_of_exactly_zero_never_picks_a_zero_probability_token(monkeypatch):
+    """torch.rand can return 0.0: searchsorted(side=left) then picked index 0 even at probability 0 (token 0
+    is <pad> in Gemma, and under a grammar's mask an error state)."""
+    import torch
+
+    from gemlora.engine import sampler
+    from gemlora.engine.sampler import SamplingRow, sample
+    from gemlora.sampling import SamplingParams
+    logits = torch.full((1, 8), float("-inf"))
+    logits[0, 3], logits[0, 5] = 0.0, 1.0
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.tensor(0.0))
+    row = SamplingRow(SamplingParams(temperature=1.0), torch.Generator().manual_seed(0), [1], [])
+    tokens, _ = sample(logits.clone(), [row])
+    assert tokens == [3]                                        # the first token with any probability

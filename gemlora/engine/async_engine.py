@@ -17,6 +17,7 @@ nothing of HTTP or chat templates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -186,17 +187,32 @@ class AsyncEngine:
         request_id = uuid.uuid4().hex                             # the engine's key: never the caller's
         ref = adapter = None
         if lora is not None:
-            ref, adapter = await asyncio.to_thread(self.registry.acquire, lora)
+            ref, adapter = await self._acquire(lora)
         try:
             self.engine.validate(prompt_ids, adapter, lora_scale)
-            async for chunk in self._run(request_id, prompt_ids, params, ref, adapter, lora_scale, cache_salt,
-                                         constraint):
-                yield chunk
+            # closed here, not by a finalizer later: its abort is posted before the pin is released
+            async with contextlib.aclosing(self._run(request_id, prompt_ids, params, ref, adapter, lora_scale,
+                                                     cache_salt, constraint)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             # Released before the engine has seen the abort: the Request still references the weights,
             # so an unregister that wins this race cannot pull them from under a running step.
             if ref is not None:
                 self.registry.release(ref)
+
+    async def _acquire(self, lora: str) -> tuple[AdapterRef, LoRAAdapter]:
+        """The registry's pin on `lora`, taken on a worker thread. A caller cancelled meanwhile (Ray Serve
+        cancels a closed stream's call) does not stop the thread: its pin is released when it lands."""
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.registry.acquire, lora))
+        try:
+            return await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            def release(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.registry.release(done.result()[0])
+            acquiring.add_done_callback(release)
+            raise
 
     async def _run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, ref: AdapterRef | None,
                    adapter: LoRAAdapter | None, lora_scale: float,

@@ -135,7 +135,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]):
         probs = torch.softmax(logits, dim=-1)
     u = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(logits.device)
     cdf = torch.cumsum(probs, dim=-1)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[1] - 1)
+    # right: the first index whose cdf passes u, so a zero-probability token (a flat step of the cdf) is never
+    # drawn, also when torch.rand gives exactly 0
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
     tokens = candidates.gather(1, pick)[:, 0] if candidates is not None else pick[:, 0]
     if not any(r.params.logprobs is not None for r in rows):
         return tokens, pick, None, candidates

@@ -29,8 +29,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import logging
+
 from gemlora.cache.block_manager import BlockHash, BlockManager, block_hash, prefix_root
 from gemlora.request import FinishReason, Request, RequestOutput, Status
+
+log = logging.getLogger("gemlora.engine")
 
 if TYPE_CHECKING:
     from gemlora.engine.sampler import TokenLogprobs
@@ -135,16 +139,20 @@ class Scheduler:
         outputs = []
         for req, n, token, lp in zip(batch.requests, batch.num_new_tokens, sampled,
                                      logprobs or [None] * len(sampled)):
-            req.num_computed += n
-            self._name_computed_blocks(req)
-            if token is None:
-                continue
-            reason = req.append(token)
-            if reason is not None:
-                self._finish(req, reason)
-            out = self._output(req, [token])
-            out.logprobs = None if lp is None else [lp]
-            outputs.append(out)
+            try:      # a grammar or the block cache raising ends this request alone, not the batch or the queue
+                req.num_computed += n
+                self._name_computed_blocks(req)
+                if token is None:
+                    continue
+                reason = req.append(token)
+                if reason is not None:
+                    self._finish(req, reason)
+                out = self._output(req, [token])
+                out.logprobs = None if lp is None else [lp]
+                outputs.append(out)
+            except Exception as exc:
+                log.exception("request %s failed after its step; ending it alone", req.request_id)
+                outputs.extend(self.fail([req], f"engine step failed: {exc!r}"))
         return outputs
 
     def abort(self, request_id: str) -> Request | None:
