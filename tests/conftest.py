@@ -17,6 +17,30 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 
 
+def kernel_tests_mark():
+    """The mark of the C++ kernel test modules: nothing when the kernels built; a skip only where they are
+    not expected (GEMLORA_NO_KERNELS, no C++ compiler, not x86-64); else a failure of every test, so a
+    broken build cannot pass the suite with no kernel coverage."""
+    import os
+    import platform
+    import shutil
+
+    from gemlora.kernels.build import extension
+    if extension() is not None:
+        return []
+    if os.environ.get("GEMLORA_NO_KERNELS"):
+        return pytest.mark.skip(reason="GEMLORA_NO_KERNELS is set")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which(os.environ.get("CXX", "c++")):
+        return pytest.mark.skip(reason="no C++ compiler, or not x86-64: the kernels are not expected to build here")
+    return pytest.mark.usefixtures("kernels_failed_to_build")
+
+
+@pytest.fixture
+def kernels_failed_to_build():
+    from gemlora.kernels.build import build_error
+    pytest.fail(f"the C++ kernels did not build on an x86-64 machine with a compiler:\n{build_error()}", pytrace=False)
+
+
 def tiny_hf_config(kind: str, **overrides):
     from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
     if kind == "gemma":

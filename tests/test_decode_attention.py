@@ -6,12 +6,13 @@ merged), |diff| <= 2e-5 of the values' scale (float32 epsilon 1.2e-7 times the t
 from __future__ import annotations
 
 import pytest
+
+from conftest import kernel_tests_mark
 import torch
 
 from gemlora.kernels import decode_attention as A
 
-pytestmark = pytest.mark.skipif(A.extension() is None, reason="the C++ kernels could not be built here "
-                                                                "(the model's SDPA path is tested by the parity tests)")
+pytestmark = kernel_tests_mark()
 
 
 def case(R, H, KVH, D, bs, n, seed, window=None):

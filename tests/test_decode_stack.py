@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
+from conftest import kernel_tests_mark, make_tiny_checkpoint
 from gemlora.cache.kv_cache import allocate_kv_cache, block_bytes
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
@@ -19,8 +19,7 @@ from gemlora.model.gemma import StepContext
 from gemlora.model.loader import load_model
 from gemlora.sampling import SamplingParams
 
-pytestmark = pytest.mark.skipif(extension() is None, reason="no C++ compiler: the stack cannot be built, "
-                                                            "and the layer loop (its reference) serves alone")
+pytestmark = kernel_tests_mark()
 BS = 4
 
 

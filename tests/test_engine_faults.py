@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -137,8 +138,9 @@ def test_health_reports_a_step_that_runs_past_the_stall_timeout(tiny_real_vocab)
     try:
         async def main():
             task = asyncio.ensure_future(complete(engine, max_tokens=2))
-            await asyncio.sleep(0.5)
-            state = engine.health()
+            deadline = time.monotonic() + 30      # the step is held: health reports it once past the timeout
+            while (state := engine.health()).stepping and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             release.set()
             await task
             return state
@@ -203,8 +205,6 @@ def test_a_generate_cancelled_while_its_adapter_loads_gives_its_pin_back(async_e
     """Ray Serve cancels a closed stream's call, possibly while the adapter is being read on a worker
     thread: the thread finishes acquire, and nobody released that pin (the adapter could never leave RAM,
     nor its finetune be deleted)."""
-    import time
-
     from test_lora_registry import write_adapter
     ref = async_engine.registry.register(write_adapter(tmp_path / "a", async_engine.model_config), name="slow")
     acquire, entered, returned = async_engine.registry.acquire, threading.Event(), threading.Event()

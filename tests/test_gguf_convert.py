@@ -8,6 +8,7 @@ the embedded google/gemma-3-270m GGUF once and compare it with what transformers
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gemlora import disk_cache
 from gemlora.model import gguf_convert, source
 from gemlora.model.gguf_convert import GEMMA_CHAT_TEMPLATE, convert_gguf, hf_tensor_name
 from gemlora.model.source import resolve_model_dir
@@ -254,14 +256,22 @@ def test_cache_is_reused(converted, gguf_path, monkeypatch):
 def test_concurrent_first_starts_convert_once(tmp_path, monkeypatch):
     gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
     gguf_file.write_bytes(b"GGUF" + bytes(100))
-    calls = []
+    calls, contended = [], threading.Event()
+    try_lock = disk_cache._try_lock
+
+    def watched_try_lock(fd):
+        got = try_lock(fd)
+        if not got:
+            contended.set()
+        return got
 
     def fake_convert(path, out, *, progress):
         calls.append(out)
-        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        assert contended.wait(30)      # the other thread found the lock held while this one converts
         out.mkdir()
         return out
 
+    monkeypatch.setattr(disk_cache, "_try_lock", watched_try_lock)
     monkeypatch.setattr(source, "convert_gguf", fake_convert)
     stale = cache / f".m-{source.gguf_cache_key(gguf_file, cache_dir=cache)}.partial-dead"
     stale.mkdir(parents=True)

@@ -220,3 +220,21 @@ def test_gemlora_generate_killed_during_start_never_hangs_a_later_one(tiny_real_
     last = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr[-3000:]
     assert last.stdout == first.stdout and "waiting" not in last.stderr
+
+
+def test_a_failed_kernel_build_fails_the_kernel_tests_instead_of_skipping_them(tmp_path):
+    """Where the kernels should build (x86-64, a compiler) but do not, the kernel test modules fail, so CI
+    cannot pass with no kernel coverage; GEMLORA_NO_KERNELS still skips them."""
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from conftest import kernel_tests_mark
+        mark = kernel_tests_mark()
+        print("MARK", getattr(mark, "name", mark), getattr(mark, "args", ""))
+    """)
+    broken = subprocess.run([sys.executable, "-c", code, str(REPO / "tests")], capture_output=True, text=True,
+                            env=env_with_cache(tmp_path / "cache", CXX="false"), timeout=300)
+    assert "MARK usefixtures ('kernels_failed_to_build',)" in broken.stdout, broken.stderr[-3000:]
+    off = subprocess.run([sys.executable, "-c", code, str(REPO / "tests")], capture_output=True, text=True,
+                         env=env_with_cache(tmp_path / "cache", GEMLORA_NO_KERNELS="1"), timeout=300)
+    assert "MARK skip ()" in off.stdout, off.stderr[-3000:]

@@ -51,6 +51,17 @@ def upload(cluster: str, name: str) -> None:
         assert r.status_code == 200, r.text
 
 
+def wait_metrics(cluster: str, ready, seconds: float = 60, every: float = 0.2) -> str:
+    """/metrics once `ready(text)` holds (bounded: the replicas post their numbers every second)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = httpx.get(f"{cluster}/metrics", timeout=10).text
+        if ready(text):
+            return text
+        assert time.monotonic() < deadline, f"/metrics never showed the expected numbers:\n{text[-3000:]}"
+        time.sleep(every)
+
+
 def per_replica(text: str, name: str) -> dict[str, float]:
     return {r: float(v) for r, v in re.findall(rf'^{name}{{replica="([^"]+)"}} ([0-9.e+]+)$', text, re.M)}
 
@@ -68,8 +79,8 @@ def test_health_and_metrics_speak_for_both_replicas(cluster):
         r = httpx.post(f"{cluster}/accounts/acct/ai/run/{MODEL}", headers=AUTH, timeout=120,
                        json={"prompt": f"Count to {i}:", "raw": True, "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
-    time.sleep(2.5)                               # the replicas post their numbers every second
-    text = httpx.get(f"{cluster}/metrics", timeout=10).text
+    text = wait_metrics(cluster, lambda t: metric(t, "gemlora_engine_steps_total") >= 4 * 4
+                        and metric(t, "gemlora_kv_blocks_used") == 0)  # the replicas post their numbers every second
     assert metric(text, "gemlora_engine_steps_total") >= 4 * 4
     assert metric(text, "gemlora_engine_up") == 1 and metric(text, "gemlora_kv_blocks_used") == 0
     steps = per_replica(text, "gemlora_replica_engine_steps_total")
@@ -102,8 +113,12 @@ def test_zipf_traffic_over_16_adapters_loads_each_about_once(cluster):
 
     answers = asyncio.run(main())
     assert all(a.strip().startswith("vel") for a in answers), set(answers)     # every adapter was applied
-    time.sleep(2.5)
-    loads = metric(httpx.get(f"{cluster}/metrics", timeout=10).text, 'gemlora_adapter_loads_total{tier="ram"}') - before
+    # the replicas post their numbers every second: wait for two posts in a row to agree
+    seen: list[float] = []
+    wait_metrics(cluster, lambda t: seen.append(metric(t, 'gemlora_adapter_loads_total{tier="ram"}')) or
+                 (len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3] and metric(t, "gemlora_running_requests") == 0),
+                 every=0.6)
+    loads = seen[-1] - before
     distinct = len(set(picks))
     print(f"\n200 requests, Zipf(1.0) over {ADAPTERS} adapters, 2 replicas: {distinct} distinct adapters, "
           f"{loads:.0f} adapter loads ({loads / distinct:.2f}x)")

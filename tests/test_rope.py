@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import pytest
+
+from conftest import kernel_tests_mark
 import torch
 
 from gemlora.kernels import rope as R
 from gemlora.model.config import RopeSpec
 from gemlora.model.layers import Rotary
 
-pytestmark = pytest.mark.skipif(R.extension() is None, reason="the C++ kernels could not be built here "
-                                                                "(the reference is what runs then)")
+pytestmark = kernel_tests_mark()
 
 
 def cos_sin(T, D, theta=10000.0):

@@ -74,7 +74,7 @@ def test_kill_during_upload_leaves_no_half_adapter(converted, tmp_path):
                       f"Host: x\r\nAuthorization: Bearer tok\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
                       f"Content-Length: {len(head) + len(weights) + len(tail)}\r\n\r\n").encode() + head
                      + weights[:len(weights) // 2])
-        time.sleep(1.0)
+        time.sleep(1.0)    # not a wait for a condition: the kill may land at any point of the upload
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         sock.close()

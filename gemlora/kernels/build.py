@@ -40,6 +40,7 @@ _HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 _lock = threading.Lock()
 _ext = None
 _tried = False
+_error: str | None = None         # why the build failed, where it did
 
 
 ISA_CAPS = ("auto", "avx512_vnni", "avx2", "scalar")
@@ -64,6 +65,11 @@ def extension():
         return _ext
 
 
+def build_error() -> str | None:
+    """Why `extension()` gave None, when a build was tried and failed."""
+    return _error
+
+
 def _build():
     try:
         # -ffp-contract=off: the scalar dequantization must round like the reference (no fused a*b+c)
@@ -72,7 +78,9 @@ def _build():
         log.info("CPU kernels loaded (%s path)", ext.cpu_isa())
         return ext
     except Exception as exc:   # no compiler, no headers, a build error: stay correct, just slower
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        global _error
+        _error = str(exc).strip() or type(exc).__name__
+        detail = _error.splitlines()[-1]
         log.warning("could not build gemlora's CPU kernels (%s); quantized weights are dequantized per call "
                     "instead, which is much slower. Install a C++ compiler (g++) for the fast path.", detail)
         return None
