@@ -5,6 +5,7 @@ GGUF file into the cached checkpoint folder ahead of time. Thin: it only wires o
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 import threading
@@ -97,11 +98,26 @@ async def _stream(engine, prompt_ids: list[int], params: SamplingParams, lora: s
                        f"finish: {chunk.finish_reason.value}, {elapsed:.1f} s, {rate:.1f} tokens/s]", err=True)
 
 
+def _host(value: str) -> str:
+    """An empty host binds every interface (uvicorn): never let it pass for loopback."""
+    if not value.strip():
+        raise typer.BadParameter("must be an address or a host name; '' would listen on every interface "
+                                 "(give 0.0.0.0 or :: to mean that)")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    """A finite number above 0 (click's FloatRange lets nan and inf through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number above 0, not {value}")
+    return value
+
+
 @app.command()
 def serve(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP, envvar=_env("model")),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on", envvar=_env("host")),
-    port: int = typer.Option(8787, help="Port to listen on", envvar=_env("port")),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on", envvar=_env("host"), callback=_host),
+    port: int = typer.Option(8787, min=1, max=65535, help="Port to listen on", envvar=_env("port")),
     alias: list[str] = typer.Option([], help="Another name the model answers to, e.g. @cf/google/gemma-7b-it-lora "
                                              "(env: space-separated)", envvar=_env("alias")),
     data_dir: Path = typer.Option(Path("~/.local/share/gemlora"), help="Finetunes database and adapter files",
@@ -113,24 +129,24 @@ def serve(
                                                 envvar=_env("allow_anonymous_public")),
     public_adapters_dir: Optional[Path] = typer.Option(None, help="Folder of adapters every account may use",
                                                        envvar=_env("public_adapters_dir")),
-    max_input_length: int = typer.Option(4096, help="Characters per prompt or message",
+    max_input_length: int = typer.Option(4096, min=1, help="Characters per prompt or message",
                                          envvar=_env("max_input_length")),
-    max_finetunes_per_account: int = typer.Option(30, envvar=_env("max_finetunes_per_account")),
-    max_adapter_mb: int = typer.Option(300, help="Largest adapter file accepted, MiB", envvar=_env("max_adapter_mb")),
+    max_finetunes_per_account: int = typer.Option(30, min=1, envvar=_env("max_finetunes_per_account")),
+    max_adapter_mb: int = typer.Option(300, min=1, help="Largest adapter file accepted, MiB", envvar=_env("max_adapter_mb")),
     max_body_mb: float = typer.Option(8.0, help="Largest request body but an adapter upload, MiB (413 beyond)",
-                                      envvar=_env("max_body_mb")),
-    max_loras: int = typer.Option(8, help="Adapter slots next to the model", envvar=_env("max_loras")),
-    max_cpu_loras: int = typer.Option(64, help="Adapters kept in RAM", envvar=_env("max_cpu_loras")),
-    max_lora_rank: int = typer.Option(32, envvar=_env("max_lora_rank")),
+                                      envvar=_env("max_body_mb"), callback=_positive),
+    max_loras: int = typer.Option(8, min=0, help="Adapter slots next to the model", envvar=_env("max_loras")),
+    max_cpu_loras: int = typer.Option(64, min=1, help="Adapters kept in RAM", envvar=_env("max_cpu_loras")),
+    max_lora_rank: int = typer.Option(32, min=1, envvar=_env("max_lora_rank")),
     kv_cache_memory_gb: float = typer.Option(1.0, help="Memory budget of the KV cache",
-                                             envvar=_env("kv_cache_memory_gb")),
+                                             envvar=_env("kv_cache_memory_gb"), callback=_positive),
     attention_workspace_gb: Optional[float] = typer.Option(
         None, help="Budget of one step's attention temporaries; default a quarter of the KV budget (>= 64 MiB)",
-        envvar=_env("attention_workspace_gb")),
-    max_num_seqs: int = typer.Option(64, help="Requests in one step at most", envvar=_env("max_num_seqs")),
-    max_num_batched_tokens: int = typer.Option(2048, help="Tokens in one step at most",
+        envvar=_env("attention_workspace_gb"), callback=_positive),
+    max_num_seqs: int = typer.Option(64, min=1, help="Requests in one step at most", envvar=_env("max_num_seqs")),
+    max_num_batched_tokens: int = typer.Option(2048, min=1, help="Tokens in one step at most",
                                                envvar=_env("max_num_batched_tokens")),
-    max_model_len: Optional[int] = typer.Option(None, help="Context window; default: the model's, capped by "
+    max_model_len: Optional[int] = typer.Option(None, min=1, help="Context window; default: the model's, capped by "
                                                            "the KV budget", envvar=_env("max_model_len")),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
                                         help="Reuse the KV cache of prompt prefixes seen before (same adapter)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +51,16 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
-        if self.adapter_aging_steps < 0 or self.stall_timeout_s <= 0:
-            raise ValueError("adapter_aging_steps must be >= 0 and stall_timeout_s positive")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError("kv_cache_memory_gb must be positive")
-        if self.attention_workspace_gb is not None and self.attention_workspace_gb <= 0:
-            raise ValueError("attention_workspace_gb must be positive (or None: derived)")
+        if self.max_cpu_loras < 1 or (self.max_model_len is not None and self.max_model_len < 1):
+            raise ValueError("max_cpu_loras and max_model_len (when given) must be positive")
+        # `not x > 0`, never `x <= 0`: nan compares false to everything
+        if self.adapter_aging_steps < 0 or not (math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0):
+            raise ValueError("adapter_aging_steps must be >= 0 and stall_timeout_s a finite number above 0")
+        if not (math.isfinite(self.kv_cache_memory_gb) and self.kv_cache_memory_gb > 0):
+            raise ValueError(f"kv_cache_memory_gb must be a finite number above 0, not {self.kv_cache_memory_gb}")
+        if self.attention_workspace_gb is not None and not (math.isfinite(self.attention_workspace_gb)
+                                                            and self.attention_workspace_gb > 0):
+            raise ValueError("attention_workspace_gb must be a finite number above 0 (or None: derived)")
 
     @property
     def attention_workspace_bytes(self) -> int:

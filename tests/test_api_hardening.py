@@ -504,3 +504,41 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_without_tokenizing(se
     assert not [n for n in seen if n > 10_000]
     r = httpx.post(run_url(base), headers=ALICE, json={"prompt": "Hello", "max_tokens": 1})
     assert r.status_code == 200 and seen
+
+
+@pytest.mark.parametrize("args, option, why", [
+    (["--host", ""], "--host", "every interface"),
+    (["--port", "70000"], "--port", "less than or equal to 65535"),
+    (["--port", "0"], "--port", "greater than or equal to 1"),
+    (["--kv-cache-memory-gb", "nan"], "--kv-cache-memory-gb", "finite number above 0, not nan"),
+    (["--kv-cache-memory-gb", "inf"], "--kv-cache-memory-gb", "finite number above 0, not inf"),
+    (["--attention-workspace-gb", "-1"], "--attention-workspace-gb", "finite number above 0"),
+    (["--max-input-length", "-5"], "--max-input-length", "greater than or equal to 1"),
+    (["--max-body-mb", "0"], "--max-body-mb", "finite number above 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs", "greater than or equal to 1"),
+    (["--max-model-len", "-1"], "--max-model-len", "greater than or equal to 1"),
+])
+def test_every_option_is_validated_at_start_naming_it(tiny_real_vocab, tmp_path, args, option, why):
+    """Before: '' passed the loopback guard and bound every interface anonymously, port 70000 listened on
+    4464, nan passed `<= 0` and died after loading the model, -5 gave every prompt a 500."""
+    out = subprocess.run([sys.executable, "-m", "gemlora.cli", "serve", *args], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "GEMLORA_MODEL": str(tiny_real_vocab),
+                                           "GEMLORA_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    text = " ".join(out.stderr.replace("│", " ").split())
+    assert option in text and why in text, out.stderr[-2000:]
+    env = option[2:].replace("-", "_").upper()
+    if args[1]:                   # the same through the environment (an empty variable counts as unset)
+        out = subprocess.run([sys.executable, "-m", "gemlora.cli", "serve"], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "GEMLORA_MODEL": str(tiny_real_vocab),
+                                               "GEMLORA_DATA_DIR": str(tmp_path), f"GEMLORA_{env}": args[1]})
+        assert out.returncode == 2 and why in " ".join(out.stderr.replace("│", " ").split()), out.stderr[-2000:]
+
+
+def test_library_settings_refuse_what_the_cli_refuses():
+    from gemlora.api.auth import is_loopback
+    assert not is_loopback("") and is_loopback("127.0.0.1") and is_loopback("localhost")
+    with pytest.raises(ValueError, match="kv_cache_memory_gb must be a finite number above 0, not nan"):
+        EngineConfig(kv_cache_memory_gb=float("nan"))
+    with pytest.raises(ValueError, match="max_input_length must be a positive integer"):
+        ServerSettings(model_names=(MODEL,), data_dir=".", max_input_length=-5)

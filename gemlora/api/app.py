@@ -52,6 +52,11 @@ class ServerSettings:
     # multipart's boundaries and headers around one adapter file
     UPLOAD_OVERHEAD_BYTES = 64 * 2**10
 
+    def __post_init__(self) -> None:
+        for name in ("max_input_length", "max_finetunes_per_account", "max_adapter_file_bytes", "max_body_bytes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+
     def body_limit(self, path: str) -> int:
         """The largest body a request to `path` may send (gemlora.api.body_limit)."""
         if path.rstrip("/").endswith("/finetune-assets"):
