@@ -239,3 +239,28 @@ def test_a_generate_cancelled_while_its_adapter_loads_gives_its_pin_back(async_e
     asyncio.run(main())
     assert async_engine.registry.in_flight(ref) == 0
     async_engine.registry.unregister("slow")                  # not refused as "in use"
+
+
+class _FailingGrammar(_Grammar):
+    """A grammar that enters its error state (as llguidance does past its limits) at its `fail_at`-th token."""
+
+    def accept(self, token):
+        self.seen += 1
+
+    @property
+    def error(self):
+        return "lexer error: too many expressions constructed\n<state>..." if self.seen >= self.fail_at else None
+
+
+def test_a_grammar_that_errors_mid_output_refuses_its_request_as_the_callers_fault(tiny):
+    """llguidance past its limits: the output used to end there with finish "stop", a truncated JSON text
+    passed off as complete. Now the request is refused (a 400 at the API), naming the grammar's error."""
+    engine = make_engine(tiny, max_num_seqs=4)
+    bad = engine.add_request([3, 4, 5], GREEDY, constraint=_FailingGrammar(tiny.cfg.vocab_size, fail_at=2))
+    good = engine.add_request([5, 6, 7], GREEDY)
+    outs = drain(engine)
+    last = outs[bad][-1]
+    assert last.finished and last.refusal is not None and last.error is None
+    assert str(last.refusal) == "the output cannot follow the JSON schema: lexer error: too many expressions constructed"
+    assert outs[good][-1].finish_reason is FinishReason.LENGTH
+    assert engine.blocks.num_used == 0

@@ -123,6 +123,33 @@ def test_a_schema_feature_that_cannot_be_enforced_is_refused_naming_it(grammars,
     assert feature in str(err.value) and err.value.field == "guided_json"
 
 
+RECURSIVE_REQUIRED = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "required": ["next"],
+                                                                  "properties": {"next": {"$ref": "#/$defs/node"}}}}}
+UNFOLLOWABLE = [
+    RECURSIVE_REQUIRED,                                                          # no finite object satisfies it
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},   # refers only to itself
+    {"type": "string", "pattern": "^(a{1000}){1000}$"},                         # past the lexer's limits
+]
+
+
+@pytest.mark.parametrize("schema", UNFOLLOWABLE, ids=["recursive-required", "recursive-defs", "huge-regex"])
+def test_a_schema_llguidance_compiles_but_cannot_follow_is_refused_before_generating(grammars, schema):
+    """They compiled, and the output then ended after one token with '', '"' or '{"' and finish "stop"."""
+    with pytest.raises(OutputFormatError, match="cannot be enforced") as err:
+        grammars.constraint(from_guided_json(schema))
+    assert "<state>" not in str(err.value)                 # llguidance's first line, not its parser dump
+
+
+def test_deep_or_non_object_schemas_are_refused_as_the_field_says():
+    deep = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
+    with pytest.raises(OutputFormatError, match="nests too deeply") as err:
+        from_guided_json(deep)                               # RecursionError: a 500 before
+    assert err.value.field == "guided_json"
+    for schema in (5, "x", [], [{"type": "object"}], False, None):
+        with pytest.raises(OutputFormatError, match="json_schema.schema. must be an object"):
+            from_response_format({"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 
 def run(engine, requests):
@@ -226,6 +253,20 @@ def test_workers_ai_json_mode_answers_the_value_and_guided_json_the_text(server)
     assert cut.status_code == 400 and "JSON Mode couldn't be met" in cut.json()["errors"][0]["message"]
     bad = httpx.post(url, headers=AUTH, timeout=60, json={**body, "guided_json": {"uniqueItems": True}})
     assert bad.status_code == 400 and "uniqueItems" in bad.json()["errors"][0]["message"]
+    # a schema it cannot follow, and a 2,000-level one in a string: the same 400 on every route and field
+    deep = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
+    chat = f"{server}/v1/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    for schema, why in ((RECURSIVE_REQUIRED, "cannot be enforced"), (deep, "nests too deeply")):
+        wrapped = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+        for target, payload in ((url, {**body, "guided_json": schema}),
+                                (url, {**body, "response_format": wrapped}),
+                                (chat, {"model": MODEL, "messages": msgs, "response_format": wrapped}),
+                                (chat, {"model": MODEL, "messages": msgs, "guided_json": schema})):
+            if isinstance(schema, str) and "response_format" in payload:
+                continue                                     # a string there is not a schema at all
+            r = httpx.post(target, headers=AUTH, timeout=60, json=payload)
+            assert r.status_code == 400 and why in r.text, (target, list(payload), r.text)
     assert httpx.post(url, headers=AUTH, timeout=60, json={**body, "max_tokens": 3}).status_code == 200
 
 

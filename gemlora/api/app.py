@@ -28,12 +28,13 @@ from starlette.routing import Match
 from gemlora.api.auth import Auth
 from gemlora.api.body_limit import BodyLimit
 from gemlora.api.disconnect import ClientDisconnected
-from gemlora.api.errors import ApiError
+from gemlora.api.errors import ApiError, bad_input
 from gemlora.api.metrics import Metrics
 from gemlora.api.openapi import openapi_document
 from gemlora.api.textgen import TextGeneration, engine_failure
 from gemlora.engine.async_engine import AsyncEngine, EngineError
 from gemlora.finetunes.store import FinetuneStore
+from gemlora.sampling import InvalidRequestError
 
 log = logging.getLogger("gemlora.api")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -146,6 +147,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
         rid = getattr(request.state, "request_id", None)
         body = exc.openai_body() if _is_openai(request) else exc.workers_ai_body(rid)
         return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(InvalidRequestError)
+    async def refused_while_running(request: Request, exc: InvalidRequestError):
+        # the engine refused a request after its first chunk (a schema its output cannot follow further)
+        return await api_error(request, bad_input(str(exc), exc.field))
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gemlora.api.disconnect import collect
-from gemlora.api.errors import ApiError
+from gemlora.api.errors import ApiError, bad_input
 from gemlora.api.openai_logprobs import Logprobs
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
@@ -24,6 +24,7 @@ from gemlora.api.streaming import DONE, openai_usage, sse
 from gemlora.api.textgen import engine_failure
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
+from gemlora.sampling import InvalidRequestError
 
 router = APIRouter()
 
@@ -128,6 +129,8 @@ async def _stream(chunks, record, oid, created, model, chat, include_usage, logp
                        "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
     except EngineError as exc:   # the status line is sent: the error goes in the stream, as vLLM does
         yield sse(engine_failure(exc).openai_body())
+    except InvalidRequestError as exc:     # refused mid-way (a schema the output cannot follow further)
+        yield sse(bad_input(str(exc), exc.field).openai_body())
     finally:
         await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()

@@ -28,6 +28,7 @@ from gemlora.api.textgen import engine_failure
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.lora.registry import UnknownAdapterError
+from gemlora.sampling import InvalidRequestError
 
 router = APIRouter()
 
@@ -81,6 +82,8 @@ async def _sse(chunks, record, request_id: str):
         yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
     except EngineError as exc:   # the status line is sent: the error goes in the stream, in the envelope
         yield sse(engine_failure(exc).workers_ai_body(request_id))
+    except InvalidRequestError as exc:     # refused mid-way (a schema the output cannot follow further)
+        yield sse(bad_input(str(exc), exc.field).workers_ai_body(request_id))
     finally:
         await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()

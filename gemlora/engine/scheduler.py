@@ -25,14 +25,14 @@ slots or text.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import logging
-
 from gemlora.cache.block_manager import BlockHash, BlockManager, block_hash, prefix_root
 from gemlora.request import FinishReason, Request, RequestOutput, Status
+from gemlora.sampling import InvalidRequestError
 
 log = logging.getLogger("gemlora.engine")
 
@@ -145,6 +145,14 @@ class Scheduler:
                 if token is None:
                     continue
                 reason = req.append(token)
+                grammar_error = getattr(req.constraint, "error", None) if req.constraint is not None else None
+                if grammar_error:     # the caller's schema cannot be followed further: its fault, said so
+                    self._finish(req, FinishReason.ERROR)
+                    out = self._output(req, [])
+                    out.refusal = InvalidRequestError("the output cannot follow the JSON schema: "
+                                                      + grammar_error.strip().splitlines()[0])
+                    outputs.append(out)
+                    continue
                 if reason is not None:
                     self._finish(req, reason)
                 out = self._output(req, [token])

@@ -22,6 +22,8 @@ import threading
 from collections import OrderedDict
 
 import llguidance
+import llguidance.torch
+import torch
 
 from gemlora.structured.grammar_constraint import GrammarConstraint
 from gemlora.structured.output_format import OutputFormat, OutputFormatError
@@ -84,5 +86,33 @@ class JsonGrammars:
             raise OutputFormatError("the JSON schema cannot be enforced: " + "; ".join(messages), fmt.field)
         matcher = llguidance.LLMatcher(tokenizer, grammar)
         if matcher.is_error():
-            raise OutputFormatError(f"the JSON schema cannot be enforced: {matcher.get_error()}", fmt.field)
+            raise OutputFormatError(f"the JSON schema cannot be enforced: {_first_line(matcher.get_error())}", fmt.field)
+        self._probe(matcher, fmt)
         return matcher
+
+    def _probe(self, matcher: llguidance.LLMatcher, fmt: OutputFormat) -> None:
+        """Walks the output's forced start (the tokens the grammar leaves no choice about) and computes the
+        mask after it, on a copy: a schema llguidance accepts but cannot follow (a required recursive $ref,
+        $defs that only refer to each other, a regex past its lexer's limits) fails here, before any token
+        is generated, instead of ending the output after one token with '', '"' or '{"'."""
+        probe = matcher.deep_copy()
+        mask = torch.zeros(1, (self._vocab_size + 31) // 32, dtype=torch.int32)
+        for _ in range(_PROBE_ROUNDS):
+            forced = probe.compute_ff_tokens()
+            if forced:
+                probe.consume_tokens(forced)
+            if not probe.is_error():
+                llguidance.torch.fill_next_token_bitmask(probe, mask, 0)
+            if probe.is_error():
+                raise OutputFormatError(f"the JSON schema cannot be enforced: {_first_line(probe.get_error())}",
+                                        fmt.field)
+            if not forced or probe.is_stopped():
+                return
+
+
+_PROBE_ROUNDS = 8
+
+
+def _first_line(error: str) -> str:
+    """llguidance's error without the parser state dump that follows it."""
+    return error.strip().splitlines()[0] if error.strip() else "the grammar failed"

@@ -34,7 +34,10 @@ class OutputFormat:
 def _canonical(schema: Any, field: str) -> str:
     if not isinstance(schema, dict):
         raise OutputFormatError("the JSON schema must be an object", field)
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        raise OutputFormatError("the JSON schema nests too deeply", field) from None
     if len(text.encode()) > MAX_SCHEMA_BYTES:
         raise OutputFormatError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", field)
     return text
@@ -59,9 +62,11 @@ def from_response_format(value: Any, field: str = "response_format") -> OutputFo
     if not isinstance(spec, dict):
         raise OutputFormatError('"json_schema" (an object) is required with type "json_schema"', field)
     # OpenAI's wrapper names the schema; a JSON schema itself has no "schema" keyword
-    if isinstance(spec.get("schema"), dict) and ("name" in spec or "strict" in spec or len(spec) == 1):
+    if "schema" in spec and ("name" in spec or "strict" in spec or len(spec) == 1):
         if "name" in spec and not isinstance(spec["name"], str):
             raise OutputFormatError('"json_schema.name" must be a string', field)
+        if not isinstance(spec["schema"], dict):      # 5, "x", [], false: never the wrapper read as a schema
+            raise OutputFormatError('"json_schema.schema" must be an object (a JSON schema)', field)
         return OutputFormat(_canonical(spec["schema"], field), field)
     if "name" in spec and "schema" not in spec and set(spec) <= {"name", "strict", "description"}:
         return OutputFormat(_canonical({}, field), field)     # OpenAI allows the schema to be left out
@@ -73,8 +78,12 @@ def from_guided_json(value: Any, field: str = "guided_json") -> OutputFormat | N
     if value is None:
         return None
     if isinstance(value, str):
+        if len(value) > 4 * MAX_SCHEMA_BYTES:          # whitespace aside, it could not fit the limit
+            raise OutputFormatError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", field)
         try:
             value = json.loads(value)
+        except RecursionError:                         # a 2,000-level nesting: Python's parser gives up
+            raise OutputFormatError("the JSON schema nests too deeply", field) from None
         except ValueError:
             raise OutputFormatError("must be a JSON schema: an object, or a string holding one", field) from None
     return OutputFormat(_canonical(value, field), field)
