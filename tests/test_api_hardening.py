@@ -542,3 +542,25 @@ def test_library_settings_refuse_what_the_cli_refuses():
         EngineConfig(kv_cache_memory_gb=float("nan"))
     with pytest.raises(ValueError, match="max_input_length must be a positive integer"):
         ServerSettings(model_names=(MODEL,), data_dir=".", max_input_length=-5)
+
+
+def test_a_huge_unknown_field_is_neither_walked_nor_stalls_the_server(server):
+    """5 MB of zeros in an unknown field: the lone-surrogate walk built a path tuple per element on the event
+    loop (+541 MB RSS, /health 2 s late). Unknown fields are not walked, bodies without a surrogate escape
+    are not walked at all, and parsing runs off the loop."""
+    from gemlora.api.schemas import _lone_surrogate
+    base, engine = server()
+    body = b'{"prompt": "Hi", "max_tokens": 1, "junk": [' + b"0," * 2_500_000 + b'0]}'
+    before = rss_bytes()
+    r = httpx.post(run_url(base), headers={**ALICE, "content-type": "application/json"}, content=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert rss_bytes() - before < 200 * 2**20
+    # the walk still finds a lone surrogate where it is read, at any depth, and in keys
+    data = {"messages": [{"role": "user", "content": "ok \ud83d\ude00"}, {"role": "user", "content": ["x", "\udfff"]}]}
+    raw = json.dumps(data).encode()
+    assert _lone_surrogate(json.loads(raw), raw) == ("messages", 1, "content", 1)
+    assert _lone_surrogate({"junk": "\udfff"}, b'{"junk": "\\udfff"}', ("prompt",)) is None
+    assert _lone_surrogate({"prompt": {"\udfff": 1}}, b'{"prompt": {"\\udfff": 1}}') == ("prompt", "\udfff")
+    assert _lone_surrogate({"prompt": "\udfff"}, b'{"prompt": "x"}') is None     # no escape in the raw text
+    raw_encoded = b'{"prompt": "a\xed\xbf\xbf"}'                                  # CESU bytes, no escape
+    assert _lone_surrogate(json.loads(raw_encoded), raw_encoded) == ("prompt",)

@@ -150,6 +150,34 @@ def test_deep_or_non_object_schemas_are_refused_as_the_field_says():
             from_response_format({"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
 
 
+def test_the_grammar_cache_is_bounded_in_bytes_per_account_and_in_total(converted, monkeypatch):
+    """300 distinct 54 KB schemas from one account grew RSS by 479 MB. Now an account's grammars stay within
+    its budget, evicting its own oldest, and the others' cached grammars survive it."""
+    from gemlora.structured.json_grammars import grammar_bytes
+    tok = Tokenizer.from_dir(converted)
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "description": "d" * 3000}
+               for i in range(12)]
+    cost = grammar_bytes(from_guided_json(schemas[0]))
+    grammars = JsonGrammars(tok.to_json(), 262144, sorted(tok.stop_token_ids), cache_bytes=6 * cost,
+                            salt_cache_bytes=3 * cost)
+    compiled = []
+    compile_ = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda fmt: compiled.append(fmt.schema) or compile_(fmt))
+    for schema in schemas[:2]:
+        grammars.constraint(from_guided_json(schema), salt="bob")
+    for schema in schemas[2:]:                                   # alice's stream of distinct schemas
+        grammars.constraint(from_guided_json(schema), salt="alice")
+        assert grammars.cached_bytes("alice") <= 3 * cost and grammars.cached_bytes() <= 6 * cost
+    assert grammars.cached_bytes("bob") == 2 * cost
+    before = len(compiled)
+    for schema in schemas[:2]:                                   # bob's are still compiled
+        grammars.constraint(from_guided_json(schema), salt="bob")
+    grammars.constraint(from_guided_json(schemas[-1]), salt="alice")   # and alice's newest
+    assert len(compiled) == before
+    grammars.constraint(from_guided_json(schemas[2]), salt="alice")    # her oldest was evicted
+    assert len(compiled) == before + 1
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 
 def run(engine, requests):

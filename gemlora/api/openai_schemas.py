@@ -165,6 +165,9 @@ _COMPLETION_UNSUPPORTED = (
 
 # OpenAI fields that describe the call rather than the output: accepted, with no effect on generation.
 _METADATA = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+# every top-level field either route reads (the rest are ignored, and never walked)
+_KNOWN = frozenset(set(_Chat.model_fields) | set(_Completion.model_fields) | set(_METADATA)
+                   | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED} | {"response_format", "guided_json"})
 
 
 def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -196,7 +199,7 @@ def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
     data = _json_object(body)
     if data is None:
         raise ApiError(5006, 400, "Invalid body: the request body is not a JSON object.")
-    where = _lone_surrogate(data)
+    where = _lone_surrogate(data, body, _KNOWN)
     if where is not None:
         param = _openai_param(where)
         raise ApiError(5006, 400, f"Invalid '{param}': the string holds a lone UTF-16 surrogate, which is not "

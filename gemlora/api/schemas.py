@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Annotated, Any
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -112,22 +113,48 @@ def _json_object(body: bytes | str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _lone_surrogate(value: Any) -> tuple | None:
-    """The location of the first string holding a lone UTF-16 surrogate, or None. JSON allows the
-    escape `"\\udfff"`, but no text can be encoded from it (the tokenizer and SQLite both refuse)."""
+# an escaped surrogate, or one encoded raw (json.loads decodes bytes with "surrogatepass")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _lone_surrogate(value: Any, body: bytes | str | None = None, fields: Collection[str] | None = None) -> tuple | None:
+    """The location of a string holding a lone UTF-16 surrogate, or None. JSON allows the escape
+    `"\\udfff"`, but no text can be encoded from it (the tokenizer and SQLite both refuse). Given the raw
+    `body`, a body with no surrogate escape at all is not walked; given `fields`, only those top-level
+    fields are (the others are ignored anyway). The walk allocates per container, never per scalar."""
+    if body is not None:
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        if b"\x00" not in raw[:4] and not _SURROGATE_ESCAPE.search(raw):     # UTF-8 (not 16/32) without one
+            return None
+    if fields is not None and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k in fields}
     stack: list[tuple[tuple, Any]] = [((), value)]
     while stack:                          # iterative: the body may nest as deep as json.loads allows
         path, item = stack.pop()
         if isinstance(item, str):
-            if not item.isascii() and any("\ud800" <= ch <= "\udfff" for ch in item):
+            if _has_surrogate(item):
                 return path
-        elif isinstance(item, dict):
-            for key, child in reversed(item.items()):
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in pairs:
+            if isinstance(key, str) and _has_surrogate(key):
+                return path + (key,)
+            if isinstance(child, str):
+                if _has_surrogate(child):
+                    return path + (key,)
+            elif isinstance(child, (dict, list)):
                 stack.append((path + (key,), child))
-                stack.append((path + (key,), key))
-        elif isinstance(item, list):
-            stack.extend((path + (i,), child) for i, child in reversed(list(enumerate(item))))
     return None
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _JSON_TYPES = {"string_type": "string", "int_type": "integer", "int_from_float": "integer", "float_type": "number",
@@ -282,7 +309,7 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
     data = _json_object(body)
     if data is None:
         raise bad_input("the body is not a JSON object")
-    where = _lone_surrogate(data)
+    where = _lone_surrogate(data, body, _RUN_FIELDS)
     if where is not None:
         raise bad_input(f"'{_pointer(where)}' is not valid Unicode text (it holds a lone UTF-16 surrogate)",
                         _pointer(where))

@@ -111,10 +111,11 @@ def api_error_of(exc: FinetuneError) -> ApiError:
 async def create_finetune(account_id: str, request: Request):
     ctx = request.app.state.ctx
     account = _account(request, account_id)
-    body = await asyncio.to_thread(_json_object, await request.body())   # None for anything but a JSON object
+    raw = await request.body()
+    body = await asyncio.to_thread(_json_object, raw)   # None for anything but a JSON object
     if body is None:
         raise bad_input("the body must be a JSON object with model and name")
-    where = await asyncio.to_thread(_lone_surrogate, body)
+    where = await asyncio.to_thread(_lone_surrogate, body, raw, ("model", "name", "description", "public"))
     if where is not None:                            # SQLite cannot store it
         raise bad_input(f"'{_pointer(where)}' is not valid Unicode text (it holds a lone UTF-16 surrogate)")
     model, name = body.get("model"), body.get("name")
