@@ -127,6 +127,9 @@ def _lone_surrogate(value: Any, body: bytes | str | None = None, fields: Collect
         if b"\x00" not in raw[:4] and not _SURROGATE_ESCAPE.search(raw):     # UTF-8 (not 16/32) without one
             return None
     if fields is not None and isinstance(value, dict):
+        for key in value:                 # an unknown field's name is echoed in the ignored-fields warning
+            if _has_surrogate(key):
+                return (key,)
         value = {k: v for k, v in value.items() if k in fields}
     stack: list[tuple[tuple, Any]] = [((), value)]
     while stack:                          # iterative: the body may nest as deep as json.loads allows
