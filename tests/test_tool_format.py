@@ -1,0 +1,117 @@
+"""The tool-calling prompt formats (gemlora.text.tool_format) against the formats' published examples
+(FunctionGemma's formatting guide, Google's Gemma function-calling page), and their call parsers
+against their own writers over generated values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemlora.text.tool_format import (GEMMA_JSON_INSTRUCTION, FunctionGemmaFormat, GemmaJsonFormat, ToolCall,
+                                      ToolFormatError, ToolSpec, format_for, read_value)
+
+WEATHER = ToolSpec("get_current_weather", "Gets the current weather in a given location.", {
+    "type": "object",
+    "properties": {
+        "location": {"type": "string", "description": 'The city and state, e.g. "San Francisco, CA" or "Tokyo, JP"'},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"],
+                 "description": "The unit to return the temperature in."}},
+    "required": ["location"]})
+
+
+def test_functiongemma_declaration_is_the_published_one():
+    # FunctionGemma's formatting guide, "Turn 1: Tool Definition (Developer)"
+    published = (
+        "You are a model that can do function calling with the following functions<start_function_declaration>"
+        "declaration:get_current_weather{description:<escape>Gets the current weather in a given location.<escape>,"
+        "parameters:{properties:{location:{description:<escape>The city and state, e.g. \"San Francisco, CA\" or "
+        "\"Tokyo, JP\"<escape>,type:<escape>STRING<escape>},unit:{description:<escape>The unit to return the "
+        "temperature in.<escape>,enum:[<escape>celsius<escape>,<escape>fahrenheit<escape>],type:<escape>STRING"
+        "<escape>}},required:[<escape>location<escape>],type:<escape>OBJECT<escape>}}<end_function_declaration>")
+    assert FunctionGemmaFormat().declarations([WEATHER]) == published
+
+
+def test_functiongemma_call_and_response_are_the_published_ones():
+    fmt = FunctionGemmaFormat()
+    call = "<start_function_call>call:get_current_weather{location:<escape>Tokyo, Japan<escape>}<end_function_call>"
+    assert fmt.parse(call) == ("", [ToolCall("get_current_weather", {"location": "Tokyo, Japan"})])
+    assert fmt.call([ToolCall("get_current_weather", {"location": "Tokyo, Japan"})]) == call
+    assert fmt.result("get_current_weather", json.dumps({"temperature": 15, "weather": "sunny"})) == (
+        "<start_function_response>response:get_current_weather{temperature:15,weather:<escape>sunny<escape>}"
+        "<end_function_response>")
+    assert fmt.stop == ("<start_function_response>",)
+    paris = ("<start_function_call>call:get_current_temperature{location:<escape>Paris<escape>,unit:<escape>celsius"
+             "<escape>}<end_function_call>")
+    assert fmt.parse(paris)[1] == [ToolCall("get_current_temperature", {"location": "Paris", "unit": "celsius"})]
+
+
+def test_functiongemma_parallel_calls_and_text_around_them():
+    fmt = FunctionGemmaFormat()
+    text = ("Sure.<start_function_call>call:get_weather{city:<escape>Tokyo<escape>}<end_function_call>"
+            "<start_function_call>call:get_stock_price{ticker:<escape>GOOG<escape>,n:[1,2.5,true,null]}"
+            "<end_function_call>")
+    content, calls = fmt.parse(text)
+    assert content == "Sure." and calls == [ToolCall("get_weather", {"city": "Tokyo"}),
+                                            ToolCall("get_stock_price", {"ticker": "GOOG", "n": [1, 2.5, True, None]})]
+    with pytest.raises(ToolFormatError):
+        fmt.parse("<start_function_call>call:f{a:<escape>open}<end_function_call>")
+    with pytest.raises(ToolFormatError):
+        fmt.parse("<start_function_call>call:f{a 1}<end_function_call>")
+
+
+def test_gemma_json_declaration_is_googles_documented_prompt():
+    # ai.google.dev/gemma/docs/capabilities/function-calling, the JSON variant
+    tool = ToolSpec("get_product_name_by_PID", "Finds the name of a product by its Product ID",
+                    {"type": "object", "properties": {"PID": {"type": "string"}}, "required": ["PID"]})
+    text = GemmaJsonFormat().declarations([tool])
+    assert text.startswith("You have access to functions. If you decide to invoke any of the function(s), you MUST "
+                           "put it in the format of\n{\"name\": function name, \"parameters\": dictionary of argument "
+                           "name and its value}\n\nYou SHOULD NOT include any other text in the response if you call "
+                           "a function\n")
+    assert json.loads(text[len(GEMMA_JSON_INSTRUCTION):]) == [{
+        "name": "get_product_name_by_PID", "description": "Finds the name of a product by its Product ID",
+        "parameters": {"type": "object", "properties": {"PID": {"type": "string"}}, "required": ["PID"]}}]
+
+
+def test_gemma_json_parses_calls_and_leaves_text_alone():
+    fmt = GemmaJsonFormat()
+    one = ToolCall("get_product_name_by_PID", {"PID": "807ZPKBL9V"})
+    assert fmt.parse('{"name": "get_product_name_by_PID", "parameters": {"PID": "807ZPKBL9V"}}') == ("", [one])
+    assert fmt.parse('```json\n{"name": "get_product_name_by_PID", "parameters": {"PID": "807ZPKBL9V"}}\n```')[1] == [one]
+    assert fmt.parse(fmt.call([one, one])) == ("", [one, one])
+    for text in ("The product is a lamp.", '{"answer": 4}', '{"name": 5, "parameters": {}}', "[]"):
+        assert fmt.parse(text) == (text, [])
+    assert fmt.result("f", '{"a": 1}') == '```tool_output\n{"a": 1}\n```'
+
+
+def test_the_format_follows_the_tokenizer_unless_named():
+    assert isinstance(format_for(lambda t: t == "<start_function_call>"), FunctionGemmaFormat)
+    assert isinstance(format_for(lambda t: False), GemmaJsonFormat)
+    assert isinstance(format_for(lambda t: False, "functiongemma"), FunctionGemmaFormat)
+    with pytest.raises(ValueError, match="tool format must be one of"):
+        format_for(lambda t: False, "xml")
+
+
+NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True)
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=12).filter(lambda s: "<escape>" not in s)
+VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), TEXT,
+                                st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)),
+                      lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(NAMES, kids, max_size=3)),
+                      max_leaves=10)
+CALLS = st.lists(st.builds(ToolCall, NAMES, st.dictionaries(NAMES, VALUES, max_size=4)), min_size=1, max_size=3)
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(calls=CALLS)
+def test_each_format_reads_back_the_calls_it_writes(calls):
+    for fmt in (FunctionGemmaFormat(), GemmaJsonFormat()):
+        content, parsed = fmt.parse(fmt.call(calls))
+        assert content == "" and [(c.name, dict(c.arguments)) for c in parsed] == \
+            [(c.name, json.loads(json.dumps(dict(c.arguments)))) for c in calls]
+
+
+def test_read_value_reports_where_it_stopped():
+    assert read_value("{a:1,b:<escape>x,y<escape>}tail", 0) == ({"a": 1, "b": "x,y"}, 27)
