@@ -115,3 +115,67 @@ def test_each_format_reads_back_the_calls_it_writes(calls):
 
 def test_read_value_reports_where_it_stopped():
     assert read_value("{a:1,b:<escape>x,y<escape>}tail", 0) == ({"a": 1, "b": "x,y"}, 27)
+
+
+def test_gemma_json_calls_schema_admits_exactly_the_declared_calls():
+    import jsonschema
+    other = ToolSpec("get_time", "The time in a zone.", {"type": "object", "properties": {"zone": {"type": "string"}},
+                                                         "required": ["zone"], "additionalProperties": False})
+    schema = GemmaJsonFormat().calls_schema([WEATHER, other])
+    ok = {"name": "get_time", "parameters": {"zone": "UTC"}}
+    jsonschema.validate(ok, schema)
+    for bad in ({"name": "get_time", "parameters": {}}, {"name": "nope", "parameters": {}},
+                {"name": "get_current_weather", "parameters": {"unit": "kelvin", "location": "x"}},
+                {**ok, "extra": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    parallel = GemmaJsonFormat().calls_schema([WEATHER, other], parallel=True)
+    jsonschema.validate([ok, ok], parallel)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([], parallel)
+    assert GemmaJsonFormat().parse(json.dumps([ok, ok]))[1] == [ToolCall("get_time", {"zone": "UTC"})] * 2
+
+
+@pytest.mark.slow
+def test_a_required_call_generated_under_the_calls_grammar_always_parses_and_validates(real_model, converted):
+    """The embedded model, sampled, constrained by the calls schema through the JSON grammar: every output
+    that completes is a declared call whose arguments validate (jsonschema)."""
+    import jsonschema
+
+    from gemlora.config import EngineConfig
+    from gemlora.engine.engine import LLMEngine
+    from gemlora.sampling import SamplingParams
+    from gemlora.structured.json_grammars import JsonGrammars
+    from gemlora.structured.output_format import from_guided_json
+    from gemlora.text.chat import format_chat
+    from gemlora.text.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(converted)
+    fmt = GemmaJsonFormat()
+    other = ToolSpec("get_time", "The time in a zone.", {"type": "object", "properties": {"zone": {"type": "string"}},
+                                                         "required": ["zone"]})
+    tools = [WEATHER, other]
+    grammars = JsonGrammars(tok.to_json(), 262144, sorted(tok.stop_token_ids))
+    engine = LLMEngine(real_model, EngineConfig(kv_cache_memory_gb=0.25), tok.stop_token_ids)
+    prompt = tok.encode(format_chat([{"role": "user", "content": fmt.declarations(tools)
+                                      + "\nWhat is the weather in Paris, and the time in UTC?"}]))
+    ids = [engine.add_request(prompt, SamplingParams(max_tokens=96, temperature=0.8, seed=seed),
+                              constraint=grammars.constraint(from_guided_json(fmt.calls_schema(tools))))
+           for seed in range(1, 9)]
+    outs: dict = {}
+    while engine.has_work():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    complete = 0
+    for rid in ids:
+        text = tok.decode(outs[rid])
+        content, calls = fmt.parse(text)
+        if content:                          # cut off by max_tokens: issue 27's budget steering comes later
+            continue
+        complete += 1
+        [call] = calls
+        spec = {t.name: t for t in tools}[call.name]
+        jsonschema.validate(dict(call.arguments), dict(spec.parameters))
+    # the property is that every complete output is a valid call; how many complete within 96 tokens depends on
+    # the CPU's kernel path (sampled tokens differ by ISA), and is issue 27's budget steering to fix
+    print(f"\n{complete} of {len(ids)} sampled calls complete within 96 tokens; all valid")
+    assert complete >= len(ids) // 2, complete          # 8 of 8 here (AVX-512 VNNI path)

@@ -68,6 +68,15 @@ class GemmaJsonFormat:
     def result(self, name: str, content: str) -> str:
         return f"```tool_output\n{content}\n```"
 
+    def calls_schema(self, tools: Sequence[ToolSpec], parallel: bool = False) -> dict:
+        """The JSON schema of an output that is only calls (tool_choice "required", or one named tool):
+        each names a declared tool and its parameters validate against that tool's schema. One call, or
+        with `parallel` a non-empty array of them (both read back by `parse`)."""
+        one = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                          "properties": {"name": {"const": t.name}, "parameters": dict(t.parameters)}}
+                         for t in tools]}
+        return {"type": "array", "minItems": 1, "items": one} if parallel else one
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls): the calls when the whole output is one or more call objects (one per line, or
         a JSON array of them, optionally in a ```json / ```tool_code fence), else the text as content."""
