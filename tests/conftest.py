@@ -17,28 +17,44 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 
 
-def kernel_tests_mark():
-    """The mark of the C++ kernel test modules: nothing when the kernels built; a skip only where they are
-    not expected (GEMLORA_NO_KERNELS, no C++ compiler, not x86-64); else a failure of every test, so a
-    broken build cannot pass the suite with no kernel coverage."""
+def kernels_missing() -> tuple[str, str] | None:
+    """None when the C++ kernels built; else ("skip", why) where they are not expected to build
+    (GEMLORA_NO_KERNELS, no C++ compiler, not x86-64), or ("fail", why) where they should have."""
     import os
     import platform
     import shutil
 
-    from gemlora.kernels.build import extension
+    from gemlora.kernels.build import build_error, extension
     if extension() is not None:
-        return []
+        return None
     if os.environ.get("GEMLORA_NO_KERNELS"):
-        return pytest.mark.skip(reason="GEMLORA_NO_KERNELS is set")
+        return "skip", "GEMLORA_NO_KERNELS is set"
     if platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which(os.environ.get("CXX", "c++")):
-        return pytest.mark.skip(reason="no C++ compiler, or not x86-64: the kernels are not expected to build here")
-    return pytest.mark.usefixtures("kernels_failed_to_build")
+        return "skip", "no C++ compiler, or not x86-64: the kernels are not expected to build here"
+    return "fail", f"the C++ kernels did not build on an x86-64 machine with a compiler:\n{build_error()}"
 
 
 @pytest.fixture
-def kernels_failed_to_build():
-    from gemlora.kernels.build import build_error
-    pytest.fail(f"the C++ kernels did not build on an x86-64 machine with a compiler:\n{build_error()}", pytrace=False)
+def kernels():
+    """The compiled kernels. Where they should have built but did not, the test fails (a broken build
+    cannot pass the suite with no kernel coverage); it skips only where they are not expected."""
+    from gemlora.kernels.build import extension
+    missing = kernels_missing()
+    if missing is not None:
+        kind, why = missing
+        pytest.skip(why) if kind == "skip" else pytest.fail(why, pytrace=False)
+    return extension()
+
+
+def tiny_lora_tensors(cfg, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """PEFT's tensors of a q_proj LoRA on every layer of a model of GemmaConfig `cfg`."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, cfg.hidden_size, generator=g)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(cfg.q_size, rank, generator=g)
+    return tensors
 
 
 def tiny_hf_config(kind: str, **overrides):

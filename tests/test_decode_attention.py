@@ -6,13 +6,11 @@ merged), |diff| <= 2e-5 of the values' scale (float32 epsilon 1.2e-7 times the t
 from __future__ import annotations
 
 import pytest
-
-from conftest import kernel_tests_mark
 import torch
 
 from gemlora.kernels import decode_attention as A
 
-pytestmark = kernel_tests_mark()
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def case(R, H, KVH, D, bs, n, seed, window=None):

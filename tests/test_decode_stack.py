@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import kernel_tests_mark, make_tiny_checkpoint
+from conftest import make_tiny_checkpoint
 from gemlora.cache.kv_cache import allocate_kv_cache, block_bytes
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
@@ -19,7 +19,7 @@ from gemlora.model.gemma import StepContext
 from gemlora.model.loader import load_model
 from gemlora.sampling import SamplingParams
 
-pytestmark = kernel_tests_mark()
+pytestmark = pytest.mark.usefixtures("kernels")
 BS = 4
 
 

@@ -180,6 +180,8 @@ class _Grammar:
     def finished(self):
         return False
 
+    error = None
+
 
 def test_a_request_failing_after_its_step_ends_alone_and_its_batch_mates_go_on(tiny):
     """postprocess (a grammar's accept, the prefix cache's naming) ran outside the step's guard: its error
@@ -207,11 +209,12 @@ def test_a_generate_cancelled_while_its_adapter_loads_gives_its_pin_back(async_e
     nor its finetune be deleted)."""
     from test_lora_registry import write_adapter
     ref = async_engine.registry.register(write_adapter(tmp_path / "a", async_engine.model_config), name="slow")
-    acquire, entered, returned = async_engine.registry.acquire, threading.Event(), threading.Event()
+    acquire = async_engine.registry.acquire
+    entered, cancelled, returned = threading.Event(), threading.Event(), threading.Event()
 
-    def slow_acquire(name):
+    def slow_acquire(name):            # the read lands only once its caller has been cancelled
         entered.set()
-        time.sleep(0.5)
+        assert cancelled.wait(30)
         try:
             return acquire(name)
         finally:
@@ -224,13 +227,13 @@ def test_a_generate_cancelled_while_its_adapter_loads_gives_its_pin_back(async_e
             async for _ in async_engine.generate([2, 5, 6], GREEDY, lora="slow"):
                 pass
         task = asyncio.create_task(consume())
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(entered.wait, 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        cancelled.set()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:                    # the worker thread lands after its 0.5 s
+        while time.monotonic() < deadline:                    # the pin goes when the worker thread lands
             if returned.is_set() and async_engine.registry.in_flight(ref) == 0:
                 break
             await asyncio.sleep(0.01)

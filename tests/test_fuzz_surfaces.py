@@ -15,12 +15,12 @@ from collections import Counter
 
 import jsonschema
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
+from conftest import tiny_lora_tensors
 from gemlora.api.app import ServerSettings, create_app
 from gemlora.api.auth import Auth
 from gemlora.config import EngineConfig
@@ -202,14 +202,7 @@ def adapter_configs(draw):
 
 
 def weights(engine) -> bytes:
-    cfg = engine.model_config
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for i in range(cfg.num_layers):
-        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(2, cfg.hidden_size, generator=g)
-        tensors[f"{key}.lora_B.weight"] = torch.randn(cfg.q_size, 2, generator=g)
-    return save(tensors)
+    return save(tiny_lora_tensors(engine.model_config))
 
 
 _names = iter(range(10**9))

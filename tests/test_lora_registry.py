@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_hf_config
+from conftest import tiny_hf_config, tiny_lora_tensors
 from gemlora.lora.adapter import AdapterError
 from gemlora.lora.registry import AdapterInUseError, AdapterRegistry, UnknownAdapterError
 from gemlora.lora.slots import LoRASlots
@@ -21,14 +21,8 @@ def cfg():
 
 
 def write_adapter(path, cfg, seed=0, rank=2):
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for layer in range(cfg.num_layers):
-        key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
-        t[f"{key}.lora_A.weight"] = torch.randn(rank, cfg.hidden_size, generator=g)
-        t[f"{key}.lora_B.weight"] = torch.randn(cfg.q_size, rank, generator=g)
     path.mkdir()
-    save_file(t, path / "adapter_model.safetensors")
+    save_file(tiny_lora_tensors(cfg, rank, seed), path / "adapter_model.safetensors")
     (path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"], "bias": "none"}))
     return path

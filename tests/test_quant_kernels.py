@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import kernel_tests_mark, random_quantized
+from conftest import random_quantized
 from gemlora.kernels import qmatmul as K
 
 ISAS = [isa for isa in ("scalar", "avx2", "avx512_vnni")
@@ -34,7 +34,7 @@ FORMATS = [(8, 32, torch.float16, False, 128), (4, 32, torch.float16, False, 8),
 MAX_N = 520     # wider weights are cut to 520 rows (32 tiles + a partial one) for the M sweep: every
                 # row of a tile and every tile take the same code path, so more rows only cost time
 
-pytestmark = kernel_tests_mark()
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def activations(m, k, seed):

@@ -10,14 +10,12 @@ output (measured: at most 2 ulps of it).
 from __future__ import annotations
 
 import pytest
-
-from conftest import kernel_tests_mark
 import torch
 
 from gemlora.kernels.build import extension
 from gemlora.kernels.rmsnorm import reference_rms_norm, rms_norm
 
-pytestmark = kernel_tests_mark()
+pytestmark = pytest.mark.usefixtures("kernels")
 
 SHAPES = [(1, 640), (7, 640), (32, 640), (3, 5, 256), (200, 1152), (2, 2048), (1, 3072), (0, 640)]
 

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import pytest
-
-from conftest import kernel_tests_mark
 import torch
 
 from gemlora.kernels import rope as R
 from gemlora.model.config import RopeSpec
 from gemlora.model.layers import Rotary
 
-pytestmark = kernel_tests_mark()
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def cos_sin(T, D, theta=10000.0):

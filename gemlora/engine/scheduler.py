@@ -145,7 +145,7 @@ class Scheduler:
                 if token is None:
                     continue
                 reason = req.append(token)
-                grammar_error = getattr(req.constraint, "error", None) if req.constraint is not None else None
+                grammar_error = req.constraint.error if req.constraint is not None else None
                 if grammar_error:     # the caller's schema cannot be followed further: its fault, said so
                     self._finish(req, FinishReason.ERROR)
                     out = self._output(req, [])

@@ -30,6 +30,10 @@ class TokenConstraint(Protocol):
     def finished(self) -> bool:
         """The output is complete: nothing may follow it."""
 
+    @property
+    def error(self) -> str | None:
+        """Why the grammar cannot go on (it failed past its limits), or None."""
+
     # Optional: fill_rows(constraints, bitmask, rows), filling row rows[j] for constraints[j], all of the
     # same kind; a static function, so that constraints of one kind share it.
 
