@@ -56,6 +56,8 @@ class Request:
         self.num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache when first admitted
         self.num_preemptions = 0
         self.constraint = constraint     # the grammar its output follows; its state moves with output_ids
+        if constraint is not None and hasattr(constraint, "limit"):
+            constraint.limit(self.max_len - len(self.prompt_ids))   # it keeps the output finishable within it
         self.finish_reason: FinishReason | None = None
         if (adapter_id is None) != (adapter is None):
             raise ValueError("adapter_id and adapter go together")
@@ -80,6 +82,9 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[:start + n - p]
 
     def append(self, token: int) -> FinishReason | None:
+        """Adds the sampled token, or the one its grammar steers to instead (output_ids[-1] says which)."""
+        if self.constraint is not None and hasattr(self.constraint, "steer"):
+            token = self.constraint.steer(token)
         self.output_ids.append(token)
         if self.constraint is not None:
             self.constraint.accept(token)

@@ -4,6 +4,7 @@ rows in mixed batches (every output valid against its schema, free rows unchange
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -276,9 +277,11 @@ def test_workers_ai_json_mode_answers_the_value_and_guided_json_the_text(server)
             if line.startswith("data: ") and line != "data: [DONE]":
                 frames.append(json.loads(line[6:])["response"])
     assert len(frames) > 3 and json.loads("".join(frames)) == out["result"]["response"]
-    cut = httpx.post(url, headers=AUTH, timeout=60, json={**body, "max_tokens": 4, "response_format": {
-        "type": "json_schema", "json_schema": NESTED}})      # its required keys cannot fit in 4 tokens
-    assert cut.status_code == 400 and "JSON Mode couldn't be met" in cut.json()["errors"][0]["message"]
+    for field in ("response_format", "guided_json"):     # its required keys cannot fit in 4 tokens: both forms
+        value = {"type": "json_schema", "json_schema": NESTED} if field == "response_format" else NESTED
+        cut = httpx.post(url, headers=AUTH, timeout=60, json={**body, "max_tokens": 4, field: value})
+        assert cut.status_code == 400, cut.text
+        assert re.search(r"'/max_tokens' must be >= \d+", cut.json()["errors"][0]["message"])
     bad = httpx.post(url, headers=AUTH, timeout=60, json={**body, "guided_json": {"uniqueItems": True}})
     assert bad.status_code == 400 and "uniqueItems" in bad.json()["errors"][0]["message"]
     # a schema it cannot follow, and a 2,000-level one in a string: the same 400 on every route and field
@@ -315,10 +318,14 @@ def test_openai_response_format_streamed_and_not(server):
                                      extra_body={"response_format": {"type": "json_schema",
                                                                      "json_schema": {"name": "n", "schema": NUMBERS}}})
     jsonschema.validate(json.loads(comp.choices[0].text), NUMBERS)
-    short = client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, temperature=0,
-                                           max_tokens=3)
-    assert short.choices[0].finish_reason == "length" and short.choices[0].message.content.startswith("{")
     import openai
+    with pytest.raises(openai.BadRequestError) as err:        # too few tokens for any valid answer
+        client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, temperature=0, max_tokens=3)
+    assert "must be >=" in str(err.value) and err.value.body.get("param") == "max_tokens"
+    needed = int(re.search(r">= (\d+)", str(err.value)).group(1))
+    short = client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, temperature=0,
+                                           max_tokens=needed)      # exactly enough: steered to the shortest
+    jsonschema.validate(json.loads(short.choices[0].message.content), ARRAY_ENUM)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}})

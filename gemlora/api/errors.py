@@ -128,6 +128,21 @@ def context_window(estimated: int, limit: int) -> ApiError:
                                f"({estimated}) exceeded this model context window limit ({limit}).")
 
 
+def budget_too_small(needed: int, field: str) -> ApiError:
+    """5006 / 400: max_tokens is below what the shortest output following `field` (a JSON schema, JSON mode,
+    tool calls) takes, so no valid answer fits. The one error for an unmeetable output format, on both
+    dialects and both ai/run forms."""
+    return ApiError(5006, 400, f"AiError: Bad input: '/max_tokens' must be >= {needed}: the shortest output "
+                               f"that {field} allows takes {needed} tokens", param="max_tokens")
+
+
+def output_cut(field: str, why: str) -> ApiError:
+    """5006 / 400: a constrained output was ended before it was complete (by a stop string): no 200 ever
+    carries invalid output."""
+    return ApiError(5006, 400, f"AiError: Bad input: the output could not follow {field}: it ended ({why}) "
+                               "before it was complete", param="stop")
+
+
 def request_too_large(detail: str | None = None) -> ApiError:
     """3006 / 413, Workers AI's official text (and what was too large)."""
     return ApiError(3006, 413, f"Request is too large: {detail}" if detail else "Request is too large")

@@ -21,7 +21,7 @@ from gemlora.api.openai_logprobs import Logprobs
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, openai_usage, sse
-from gemlora.api.textgen import engine_failure
+from gemlora.api.textgen import check_complete, engine_failure
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.sampling import InvalidRequestError
@@ -76,6 +76,7 @@ async def _complete(request: Request, chat: bool):
     kept: list = []
     content = await collect(request, _keeping_logprobs(chunks, kept), record)
     last = record.last
+    check_complete(req, content, last.finish_reason)
     rendered = logprobs.render(kept) if logprobs is not None else None
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
               else {"index": 0, "text": content, "logprobs": rendered})

@@ -42,8 +42,9 @@ RESPONSE_FORMAT = {
     "description": "`json_object`: the output is one JSON object; `json_schema`: JSON valid against the schema "
                    "(enforced token by token; a schema feature that cannot be enforced is refused with 5006). "
                    "On `ai/run` without streaming, `response` is then the JSON value itself, as Workers AI's JSON "
-                   "mode answers; an output cut short by `max_tokens` is refused there (\"JSON Mode couldn't be "
-                   "met\"), and ends with finish reason `length` on the OpenAI routes."}
+                   "mode answers. As `max_tokens` nears, the output is steered to its shortest valid ending, so an answer is "
+                   "valid JSON whenever any fits; a `max_tokens` below the shortest valid output is refused with "
+                   "5006 naming the least that fits (the same for `guided_json` and on the OpenAI routes)."}
 GUIDED_JSON = {"anyOf": [{"type": "object"}, {"type": "string"}],
                "description": "A JSON schema (or a string holding one) the output must follow; `response` stays "
                               "text. Not together with `response_format`."}

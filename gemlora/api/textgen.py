@@ -9,11 +9,12 @@ context-window rule (prompt tokens + max_tokens, Workers AI's 5021), compiles th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import AsyncIterator
 
-from gemlora.api.errors import (ApiError, bad_input, capacity_exceeded, context_window, finetune_missing_files,
-                                finetune_not_found)
+from gemlora.api.errors import (ApiError, bad_input, budget_too_small, capacity_exceeded, context_window,
+                                finetune_missing_files, finetune_not_found, output_cut)
 from gemlora.api.schemas import GenerateRequest
 from gemlora.engine.async_engine import AsyncEngine, EngineDeadError, GenerationChunk
 from gemlora.finetunes.finetune import Finetune, FinetuneError
@@ -89,6 +90,10 @@ class TextGeneration:
             raise context_window(len(ids) + req.params.max_tokens, limit)
         return ids
 
+    def _constraint(self, req: GenerateRequest, account: str):
+        constraint = self.grammars.constraint(req.output_format, account)
+        return constraint, constraint.shortest()
+
     async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
         """Validates everything first (raising ApiError), then yields the engine's chunks. `request_id`
         is for the log only: the engine makes its own key for every request."""
@@ -101,9 +106,13 @@ class TextGeneration:
         constraint = None
         if req.output_format is not None:
             try:      # salted by account, as the prefix cache: no tenant learns another's schemas by timing
-                constraint = await asyncio.to_thread(self.grammars.constraint, req.output_format, account)
+                constraint, needed = await asyncio.to_thread(self._constraint, req, account)
             except OutputFormatError as exc:
                 raise bad_input(f"'/{exc.field}' {exc}", exc.field) from exc
+            # steering keeps the output finishable within max_tokens (GrammarConstraint): refused only when
+            # even the shortest valid output cannot fit (prompt + max_tokens fits the window: checked above)
+            if needed is not None and needed > req.params.max_tokens:
+                raise budget_too_small(needed, req.output_format.field)
         # Salted by account: tenants never share cached prefixes (nor learn of each other's through timing)
         gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account,
                                    constraint=constraint)
@@ -116,6 +125,20 @@ class TextGeneration:
         except AdapterError as exc:             # its files no longer load (re-read after leaving RAM)
             raise bad_input(f"finetune {req.lora} cannot be used: {exc}", "lora") from exc
         return chained(first, gen)
+
+
+def check_complete(req: GenerateRequest, text: str, finish_reason) -> None:
+    """A constrained output is complete JSON whenever it ends by its grammar or its budget (steering sees
+    to that); only a caller's stop string can cut it short, and then it is refused, never answered as 200."""
+    if req.output_format is None:
+        return
+    try:
+        json.loads(text)
+    except ValueError:
+        why = f"finish reason {finish_reason.value}" if finish_reason else "finish reason unknown"
+        if req.params.stop:
+            why += ", a stop string matched"
+        raise output_cut(req.output_format.field, why) from None
 
 
 async def chained(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:

@@ -24,7 +24,7 @@ from gemlora.api.disconnect import collect
 from gemlora.api.errors import ApiError, bad_input, no_such_model
 from gemlora.api.schemas import _json_object, _lone_surrogate, _pointer, parse_run_body
 from gemlora.api.streaming import DONE, sse, usage
-from gemlora.api.textgen import engine_failure
+from gemlora.api.textgen import check_complete, engine_failure
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.lora.registry import UnknownAdapterError
@@ -56,21 +56,11 @@ async def run(account_id: str, model: str, request: Request):
                                  headers={"cache-control": "no-cache"})
     text = await collect(request, chunks, record)
     last = record.last
+    check_complete(req, text, last.finish_reason)
     response = text
     if req.output_format is not None and req.output_format.field == "response_format":
-        response = _json_mode_response(text, last.finish_reason)
+        response = json.loads(text)    # in JSON mode Workers AI answers `response` as the JSON value itself
     return envelope({"response": response, "usage": usage(last.prompt_tokens, last.completion_tokens)})
-
-
-def _json_mode_response(text: str, finish_reason) -> object:
-    """In JSON mode Workers AI answers `response` as the JSON value itself, not as text. The grammar makes
-    every complete output valid; one cut short (max_tokens, a stop string) cannot be parsed."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        why = (finish_reason.value if finish_reason else "unknown")
-        raise bad_input(f"JSON Mode couldn't be met: the output ended (finish reason {why}) before its JSON "
-                        "value was complete; raise max_tokens", "max_tokens") from None
 
 
 async def _sse(chunks, record, request_id: str):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from gemlora.cache.block_manager import BlockHash, BlockManager, block_hash, prefix_root
@@ -145,6 +145,9 @@ class Scheduler:
                 if token is None:
                     continue
                 reason = req.append(token)
+                if req.output_ids[-1] != token:       # steered to stay within its budget: forced, not drawn
+                    token = req.output_ids[-1]
+                    lp = None if lp is None else replace(lp, token=token, logprob=0.0)
                 grammar_error = req.constraint.error if req.constraint is not None else None
                 if grammar_error:     # the caller's schema cannot be followed further: its fault, said so
                     self._finish(req, FinishReason.ERROR)

@@ -34,6 +34,9 @@ class TokenConstraint(Protocol):
     def error(self) -> str | None:
         """Why the grammar cannot go on (it failed past its limits), or None."""
 
+    # Optional: limit(budget), told the tokens the request may still produce, and steer(token) -> the token
+    # to take instead of the sampled one so that the output can still be finished within that budget
+    # (gemlora.structured.grammar_constraint). Request calls them.
     # Optional: fill_rows(constraints, bitmask, rows), filling row rows[j] for constraints[j], all of the
     # same kind; a static function, so that constraints of one kind share it.
 

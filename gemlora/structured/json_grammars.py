@@ -29,12 +29,14 @@ import llguidance.torch
 import torch
 
 from gemlora.structured.grammar_constraint import GrammarConstraint
+from gemlora.structured.json_closer import JsonCloser
 from gemlora.structured.output_format import OutputFormat, OutputFormatError
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 # One llguidance tokenizer per (tokenizer, vocabulary, stop tokens) in the process: it takes seconds to build.
-_TOKENIZERS: dict[tuple[str, int, tuple[int, ...]], llguidance.LLTokenizer] = {}
+# (with its closer, whose token table takes ~0.5 s more: both are built off the engine's thread)
+_TOKENIZERS: dict[tuple[str, int, tuple[int, ...]], tuple[llguidance.LLTokenizer, JsonCloser]] = {}
 _TOKENIZERS_LOCK = threading.Lock()
 
 
@@ -51,6 +53,7 @@ class JsonGrammars:
         self._salt_bytes: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._closer: JsonCloser | None = None
 
     def warm(self) -> None:
         """Build the tokenizer now (a server calls this on a thread at start)."""
@@ -62,8 +65,11 @@ class JsonGrammars:
             key = (hashlib.sha256(text.encode()).hexdigest(), self._vocab_size, tuple(self._stop_ids))
             with _TOKENIZERS_LOCK:
                 if key not in _TOKENIZERS:
-                    _TOKENIZERS[key] = llguidance.LLTokenizer(text, n_vocab=self._vocab_size, eos_token=self._stop_ids)
-                self._tokenizer = _TOKENIZERS[key]
+                    tokenizer = llguidance.LLTokenizer(text, n_vocab=self._vocab_size, eos_token=self._stop_ids)
+                    closer = JsonCloser(tokenizer, self._vocab_size, self._stop_ids)
+                    closer.warm()
+                    _TOKENIZERS[key] = (tokenizer, closer)
+                self._tokenizer, self._closer = _TOKENIZERS[key]
         return self._tokenizer
 
     def constraint(self, fmt: OutputFormat, salt: str = "") -> GrammarConstraint:
@@ -77,7 +83,7 @@ class JsonGrammars:
             entry = (self._compile(fmt), grammar_bytes(fmt))
             with self._lock:
                 self._remember(key, entry)
-        return GrammarConstraint(entry[0].deep_copy())
+        return GrammarConstraint(entry[0].deep_copy(), self._closer)
 
     def _remember(self, key: tuple[str, str | None], entry: tuple[llguidance.LLMatcher, int]) -> None:
         """Under the lock: cache `entry`, first evicting the salt's own oldest grammars past its budget,
