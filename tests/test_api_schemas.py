@@ -184,13 +184,13 @@ def test_type_errors_name_the_field(obj, message, param):
     assert err.message == f"AiError: Bad input: {message}" and err.param == param
 
 
-@pytest.mark.parametrize("role", ["tool", "function", "bot", "User", ""])
+@pytest.mark.parametrize("role", ["function", "bot", "User", ""])
 def test_bad_role(role):
     msgs = [{"role": "user", "content": "a"}, {"role": role, "content": "b"}]
     err = run_error({"messages": msgs})
     assert err.param == "/messages/1/role"
     assert err.message == ("AiError: Bad input: '/messages/1/role' must be one of "
-                           "'system', 'user', 'assistant', 'model'")
+                           "'system', 'user', 'assistant', 'model', 'tool'")
 
 
 @pytest.mark.parametrize("field,ok,bad,message", [
@@ -390,7 +390,9 @@ def test_model_is_required(parse, base):
     ({"model": "m", "messages": []}, "messages", None),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content",
      "Invalid type for 'messages[0].content': expected a string, but got an integer instead."),
-    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id",
+     "Missing required parameter: 'messages[0].tool_call_id'."),
+    ({"model": "m", "messages": [{"role": "function", "content": "x"}]}, "messages[0].role", None),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content", None),
     ({"model": "m", "messages": USER, "temperature": "hot"}, "temperature",
@@ -408,7 +410,8 @@ def test_model_is_required(parse, base):
      "Invalid 'top_logprobs': logprobs must be set to true when top_logprobs is given."),
     ({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
      "Invalid 'top_logprobs': expected a value <= 20, but got 21 instead."),
-    ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+    ({"model": "m", "messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools[0].function.name", None),
     ({"model": "m", "messages": USER, "response_format": {"type": "json_objekt"}}, "response_format", None),
     ({"model": "m", "messages": USER, "logit_bias": {"50256": -100}}, "logit_bias", None),
 ])

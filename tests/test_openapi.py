@@ -131,7 +131,8 @@ def test_the_schemas_refuse_what_the_server_refuses():
                  {"prompt": "hi", "top_k": 51}, {"prompt": "hi", "max_tokens": None},
                  {"prompt": "hi", "stream": "true"},
                  {"prompt": "hi", "guided_json": 3}, {"prompt": "hi", "tools": [{"type": "function"}]},
-                 {"prompt": "x" * 4097}, {"messages": [{"role": "tool", "content": "x"}]}):
+                 {"prompt": "x" * 4097}, {"messages": [{"role": "function", "content": "x"}]},
+                 {"messages": [{"role": "user"}]}):
         assert not run.is_valid(body), body
     assert run.is_valid({"prompt": "hi", "raw": "true", "stop": ["a"], "options": {"rejectIfBusy": True}, "tags": 1})
     chat = validator(doc, "/components/schemas/ChatCompletionRequest")

@@ -9,6 +9,7 @@ one. Errors use OpenAI's `{"error": {...}}` body. Knows HTTP and TextGeneration;
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 
@@ -21,7 +22,8 @@ from gemlora.api.openai_logprobs import Logprobs
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.streaming import DONE, openai_usage, sse
-from gemlora.api.textgen import check_complete, engine_failure
+from gemlora.api.textgen import engine_failure
+from gemlora.api.tools import openai_calls
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.sampling import InvalidRequestError
@@ -71,18 +73,26 @@ async def _complete(request: Request, chat: bool):
     created = int(time.time())
     logprobs = Logprobs(ctx.textgen.engine.tokenizer, chat) if req.params.logprobs is not None else None
     if req.stream:
-        return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage, logprobs),
+        tools = ctx.textgen.tool_stream(req)
+        finish = functools.partial(ctx.textgen.finish_stream, req, tools) if tools is not None else None
+        return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage, logprobs,
+                                         tools, finish),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
     kept: list = []
     content = await collect(request, _keeping_logprobs(chunks, kept), record)
     last = record.last
-    check_complete(req, content, last.finish_reason)
+    content, calls = ctx.textgen.read_output(req, content, last.finish_reason)
     rendered = logprobs.render(kept) if logprobs is not None else None
-    choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat
-              else {"index": 0, "text": content, "logprobs": rendered})
+    if chat:
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            message["tool_calls"] = openai_calls(calls)
+        choice = {"index": 0, "message": message}
+    else:
+        choice = {"index": 0, "text": content, "logprobs": rendered}
     if chat and logprobs is not None:
         choice["logprobs"] = rendered
-    choice["finish_reason"] = _finish(last)
+    choice["finish_reason"] = "tool_calls" if calls else _finish(last)
     return {"id": oid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice],
             "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)}
@@ -98,17 +108,22 @@ async def _keeping_logprobs(chunks, kept: list):
         await chunks.aclose()
 
 
-async def _stream(chunks, record, oid, created, model, chat, include_usage, logprobs: Logprobs | None):
+async def _stream(chunks, record, oid, created, model, chat, include_usage, logprobs: Logprobs | None,
+                  tools=None, finish_tools=None):
+    """`tools` (a ToolStream) holds calls back; `finish_tools(finish_reason)` gives (text, calls) at the end,
+    sent as one delta per call (id, name and the whole arguments), as the openai SDK assembles them."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     pending: list = []     # logprobs of tokens whose text has not been sent yet (held back by the detokenizer)
 
-    def frame(text: str | None, finish: str | None, first: bool = False) -> bytes:
+    def frame(text: str | None, finish: str | None, first: bool = False, calls=None) -> bytes:
         rendered = None
         if logprobs is not None:
             rendered = logprobs.render(pending) if pending or not chat else None
             pending.clear()
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            if calls:
+                delta["tool_calls"] = calls
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             if rendered is not None:
                 choice["logprobs"] = rendered
@@ -120,11 +135,22 @@ async def _stream(chunks, record, oid, created, model, chat, include_usage, logp
     try:
         async for chunk in chunks:
             pending.extend(chunk.logprobs or ())
-            if record.chunk(chunk).text or first:
-                yield frame(chunk.text, None, first)
+            text = record.chunk(chunk).text
+            if text and tools is not None:
+                text = tools.push(text)
+            if text or first:
+                yield frame(text, None, first)
                 first = False
         last = record.last
-        yield frame(None, _finish(last))
+        finish = _finish(last)
+        if tools is not None:
+            rest, calls = finish_tools(last.finish_reason)
+            if rest:
+                yield frame(rest, None)
+            for i, call in enumerate(openai_calls(calls)):
+                yield frame(None, None, calls=[{"index": i, **call}])
+            finish = "tool_calls" if calls else finish
+        yield frame(None, finish)
         if include_usage:
             yield sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [],
                        "usage": openai_usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
@@ -132,6 +158,8 @@ async def _stream(chunks, record, oid, created, model, chat, include_usage, logp
         yield sse(engine_failure(exc).openai_body())
     except InvalidRequestError as exc:     # refused mid-way (a schema the output cannot follow further)
         yield sse(bad_input(str(exc), exc.field).openai_body())
+    except ApiError as exc:                # calls cut short (a stop string): said in the stream
+        yield sse(exc.openai_body())
     finally:
         await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()

@@ -12,15 +12,17 @@ cache, adapters' weights or HTTP framework objects: bytes in, (model, GenerateRe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import ApiError
-from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MAX_MESSAGES, MESSAGE_ROLES, GenerateRequest, Int, Raw,
-                                 _check_max_length, _crossed_bound, _json_object, _json_type, _lone_surrogate, _rest,
-                                 output_format)
+from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MAX_MESSAGES, MESSAGE_ROLES, TOOL_FIELDS,
+                                 GenerateRequest, Int, Raw, _check_max_length, _crossed_bound, _json_object, _json_type,
+                                 _lone_surrogate, _rest, output_format, tool_conversation)
+from gemlora.api.tools import ToolFieldError
 from gemlora.structured.output_format import OutputFormatError
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
@@ -32,8 +34,11 @@ MAX_STOP = 4                         # OpenAI's limit on stop sequences
 # --------------------------------------------------------------------------------------------------
 # OpenAI: chat completions and (legacy) completions
 
-def _openai_content(value: Any, info: ValidationInfo) -> str:
-    # A string, or an array of text parts ({"type": "text", "text": ...}), joined by newlines.
+def _openai_content(value: Any, info: ValidationInfo) -> str | None:
+    # A string, or an array of text parts ({"type": "text", "text": ...}), joined by newlines; null on an
+    # assistant turn that made tool calls (checked with the tool fields)
+    if value is None:
+        return None
     if isinstance(value, list):
         texts = []
         for part in value:
@@ -50,14 +55,14 @@ def _openai_content(value: Any, info: ValidationInfo) -> str:
 class _ChatMessage(BaseModel):
     model_config = _STRICT
     role: str
-    content: Annotated[Any, AfterValidator(_openai_content)]
+    content: Annotated[Any, AfterValidator(_openai_content)] = None
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, role: str) -> str:
         if role not in OPENAI_ROLES:
             raise PydanticCustomError("role", "must be one of " + ", ".join(f"'{r}'" for r in OPENAI_ROLES)
-                                      + " (tool and function messages are not supported)")
+                                      + " (the legacy function messages are not supported: use tool)")
         return "system" if role == "developer" else role
 
 
@@ -144,10 +149,9 @@ _UNSUPPORTED = (
     ("echo", _off, "echo is not supported"),
     ("suffix", _off, "suffix is not supported"),
     ("logit_bias", _off, "logit_bias is not supported"),
-    ("tools", _off, "tools are not supported"),
-    ("functions", _off, "functions are not supported"),
-    ("tool_choice", lambda v: v in (None, "none", "auto"), "tools are not supported"),
-    ("function_call", lambda v: v in (None, "none", "auto"), "functions are not supported"),
+    ("functions", _off, "the legacy functions are not supported: declare them as tools"),
+    ("function_call", lambda v: v in (None, "none", "auto"), "the legacy functions are not supported: use "
+                                                             "tool_choice"),
     ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
     ("audio", _off, "audio output is not supported"),
     ("prediction", _off, "predicted outputs are not supported"),
@@ -161,13 +165,16 @@ _UNSUPPORTED = (
 _COMPLETION_UNSUPPORTED = (
     ("top_logprobs", _off, "completions take the number of alternatives in logprobs; top_logprobs is a chat "
                            "completions option"),
+    ("tools", _off, "tools are a chat completions option"),
+    ("tool_choice", _off, "tools are a chat completions option"),
 )
 
 # OpenAI fields that describe the call rather than the output: accepted, with no effect on generation.
-_METADATA = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+_METADATA = ("user", "metadata", "store", "service_tier")
 # every top-level field either route reads (the rest are ignored, and never walked)
 _KNOWN = frozenset(set(_Chat.model_fields) | set(_Completion.model_fields) | set(_METADATA)
-                   | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED} | {"response_format", "guided_json"})
+                   | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED} | {"response_format", "guided_json"}
+                   | set(TOOL_FIELDS))
 
 
 def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -176,9 +183,19 @@ def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tupl
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(5006, 400, "Invalid 'top_logprobs': logprobs must be set to true when top_logprobs is "
                                   "given.", param="top_logprobs")
-    messages = tuple({"role": m.role, "content": m.content} for m in req.messages)
+    try:
+        messages, tools = tool_conversation(req.messages, data)
+        for i, msg in enumerate(messages):
+            if msg["role"] == "tool" and "tool_call_id" not in msg:
+                raise ToolFieldError("is required on a tool message", ("messages", i, "tool_call_id"), missing=True)
+    except ToolFieldError as exc:
+        param = _openai_param(exc.path)
+        if exc.missing:
+            raise ApiError(5006, 400, _openai_text({"type": "missing", "loc": exc.path}), param=param) from None
+        raise ApiError(5006, 400, f"Invalid '{param}': {exc}.", param=param) from None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return req.model, _openai_request(req, data, prompt=None, messages=messages, raw=False, logprobs=logprobs)
+    req_out = _openai_request(req, data, prompt=None, messages=messages, raw=False, logprobs=logprobs)
+    return req.model, replace(req_out, tools=tools)
 
 
 def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -252,7 +269,7 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw, lo
         raise ApiError(5006, 400, f"Invalid '{exc.field}': {exc}.", param=exc.field) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     known = (set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED}
-             | set(_METADATA)
+             | set(_METADATA) | set(TOOL_FIELDS)
              | {"response_format", "guided_json"})
     return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
                            lora=req.lora, lora_scale=lora_scale, include_usage=include_usage,

@@ -20,6 +20,8 @@ import copy
 from collections.abc import Sequence
 
 from gemlora.api.openai_schemas import MAX_STOP, OPENAI_ROLES
+from gemlora.api.tools import (MESSAGE_TOOL_FIELDS, OPENAI_CALL_SCHEMA, PARALLEL_SCHEMA,
+                               TOOL_CHOICE_SCHEMA, TOOLS_SCHEMA, WORKERS_AI_CALL_SCHEMA)
 from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
 from gemlora.finetunes.files import ASSET_NAMES
 from gemlora.sampling import MAX_LOGPROBS
@@ -215,21 +217,25 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
         "response_format": RESPONSE_FORMAT,
         "guided_json": GUIDED_JSON,
         # Refused (5006 naming the field), never accepted and ignored.
-        "tools": {"type": "array", "maxItems": 0, "description": "Refused: tool calling is not supported "
-                                                                  "(only an empty array is accepted)."},
-        "functions": {"type": "array", "maxItems": 0, "description": "Refused: embedded function calling is "
-                                                                      "not supported (only an empty array)."},
+        "functions": {"type": "array", "maxItems": 0, "description": "Refused: Workers AI's embedded functions "
+                                                                      "run code inside Cloudflare's runtime; "
+                                                                      "declare `tools` instead (only [] passes)."},
     }
-    run_message = {"type": "object", "required": ["role", "content"],
-                   "properties": {"role": {"enum": list(MESSAGE_ROLES)}, "content": text},
+    tool_fields = {"tools": TOOLS_SCHEMA, "tool_choice": TOOL_CHOICE_SCHEMA, "parallel_tool_calls": PARALLEL_SCHEMA}
+    # content may be left out only by an assistant turn that made calls
+    content_unless_calls = {"if": {"not": {"required": ["tool_calls"], "properties": {
+        "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}},
+        "then": {"required": ["content"]}}
+    run_message = {"type": "object", "required": ["role"], **content_unless_calls,
+                   "properties": {"role": {"enum": list(MESSAGE_ROLES)}, "content": text, **MESSAGE_TOOL_FIELDS},
                    "description": "Other keys are ignored."}
     run_prompt = {"title": "Prompt", "type": "object", "required": ["prompt"],
-                  "not": {"required": ["messages"]},
+                  "not": {"anyOf": [{"required": [name]} for name in ("messages", *tool_fields)]},
                   "properties": {"prompt": prompt, **run_fields}}
     run_messages = {"title": "Messages", "type": "object", "required": ["messages"],
                     "not": {"required": ["prompt"]},
                     "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": run_message},
-                                   **run_fields}}
+                                   **run_fields, **tool_fields}}
 
     oai_model = {"anyOf": [{"enum": names}, {"type": "string", "minLength": 1}],
                  "description": "A served model name, or one of the caller's finetunes (or a public one) by name "
@@ -262,16 +268,15 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
         "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 10, "description": "Extension."}),
         "ignore_eos": _nullable({"type": "boolean", "description": "Extension (as vLLM's): keep generating "
                                                                    "past end-of-sequence, up to max_tokens."}),
-        **{name: off for name in ("echo", "suffix", "logit_bias", "tools", "functions",
+        **{name: off for name in ("echo", "suffix", "logit_bias", "functions",
                                   "audio", "prediction", "web_search_options", "reasoning_effort",
                                   "guided_regex", "guided_choice", "guided_grammar")},
         "response_format": _nullable(RESPONSE_FORMAT),
         "guided_json": {"anyOf": [{"type": "null"}, *GUIDED_JSON["anyOf"]], "description": GUIDED_JSON["description"]},
-        "tool_choice": {"enum": [None, "none", "auto"]},
         "function_call": {"enum": [None, "none", "auto"]},
         "modalities": {"enum": [None, ["text"]]},
         **{name: {"description": "Accepted, no effect on generation."}
-           for name in ("user", "metadata", "store", "service_tier", "parallel_tool_calls")},
+           for name in ("user", "metadata", "store", "service_tier")},
     }
     # A finetune as `model` and another one in `lora` would be two adapters: with `lora`, `model` is a served name.
     lora_needs_base = {"if": {"required": ["lora"], "properties": {"lora": {"type": "string"}}},
@@ -280,14 +285,18 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                           "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    chat_message = {"type": "object", "required": ["role", "content"],
+    chat_message = {"type": "object", "required": ["role"], **content_unless_calls,
+                    "allOf": [{"if": {"properties": {"role": {"const": "tool"}}},
+                               "then": {"required": ["tool_call_id"]}}],
                     "properties": {"role": {"enum": list(OPENAI_ROLES),
                                             "description": "`developer` is taken as `system`."},
-                                   "content": {"anyOf": [text, {"type": "array", "items": part}],
+                                   "content": {"anyOf": [text, {"type": "array", "items": part}, {"type": "null"}],
                                                "description": "A string, or text parts joined with newlines "
-                                                              f"(at most {max_length} characters in all)."}}}
+                                                              f"(at most {max_length} characters in all); null on "
+                                                              "an assistant turn with tool_calls."},
+                                   **MESSAGE_TOOL_FIELDS}}
     one_prompt = {**text, "minLength": 1}
-    finish = {"enum": ["stop", "length"]}
+    finish = {"enum": ["stop", "length", "tool_calls"]}
     chunk_common = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
 
     uuid_like = "^-*(?:[0-9A-Fa-f]-*){32}$"      # what uuid.UUID() parses within the name alphabet
@@ -338,7 +347,12 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                      "anyOf": [{"type": "string"}, {"type": ["object", "array", "number", "boolean",
                                                                               "null"]}],
                                      "description": "The generated text; with `response_format` JSON mode (not "
-                                                    "streamed), the JSON value itself."},
+                                                    "streamed), the JSON value itself; \"\" when only calls were "
+                                                    "made."},
+                                                "tool_calls": {"type": "array", "minItems": 1,
+                                                               "items": WORKERS_AI_CALL_SCHEMA,
+                                                               "description": "The calls the model made, each "
+                                                                              "valid against its tool's parameters."},
                                                 "usage": _ref("schemas", "Usage")}}),
         "RunEvent": {
             "description": "One server-sent event (the schema describes each event, as OpenAPI 3.2's "
@@ -350,6 +364,10 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                 {"type": "string", "contentMediaType": _JSON, "contentSchema": {"anyOf": [
                     {"type": "object", "required": ["response"], "additionalProperties": False,
                      "properties": {"response": {"type": "string", "minLength": 1}}},
+                    {"type": "object", "required": ["response", "tool_calls"], "additionalProperties": False,
+                     "properties": {"response": {"type": "string"},
+                                    "tool_calls": {"type": "array", "minItems": 1, "items": WORKERS_AI_CALL_SCHEMA}},
+                     "description": "The calls, whole, once the output is complete."},
                     {"type": "object", "required": ["response", "usage"], "additionalProperties": False,
                      "properties": {"response": {"const": ""}, "usage": _ref("schemas", "Usage")}},
                     _ref("schemas", "WorkersAiError")]}}]}}},
@@ -387,6 +405,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
             "type": "object", "required": ["model", "messages"], "allOf": [lora_needs_base, top_needs_logprobs],
             "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
                                         "items": chat_message}, **oai_common,
+                           "tools": {"anyOf": [{"type": "null"}, TOOLS_SCHEMA], "description": TOOLS_SCHEMA["description"]},
+                           "tool_choice": TOOL_CHOICE_SCHEMA, "parallel_tool_calls": PARALLEL_SCHEMA,
                            "logprobs": _nullable({"type": "boolean", "description": "Return each output token's "
                                                                                    "log-probability."}),
                            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
@@ -404,7 +424,9 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                            "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
                                                   "description": "Return each output token's log-probability and "
                                                                  "this many alternatives."}),
-                           "top_logprobs": {**off, "description": "A chat option: refused unless off here."}},
+                           "top_logprobs": {**off, "description": "A chat option: refused unless off here."},
+                           **{name: {**off, "description": "A chat option: refused unless off here."}
+                              for name in ("tools", "tool_choice")}},
             "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
         "ChatCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -416,7 +438,11 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                               "logprobs": CHAT_LOGPROBS,
                                               "message": {"type": "object", "required": ["role", "content"],
                                                           "properties": {"role": {"const": "assistant"},
-                                                                         "content": {"type": "string"}}}}}},
+                                                                         "content": {"type": ["string", "null"],
+                                                                                     "description": "null when only "
+                                                                                     "calls were made"},
+                                                                         "tool_calls": {"type": "array", "minItems": 1,
+                                                                                        "items": OPENAI_CALL_SCHEMA}}}}}},
                            "usage": _ref("schemas", "OpenAIUsage")}},
         "TextCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -434,11 +460,19 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                            "choices": {"type": "array", "maxItems": 1, "items": {
                                "type": "object", "required": ["index", "delta", "finish_reason"],
                                "properties": {"index": {"const": 0},
-                                              "finish_reason": {"enum": [None, "stop", "length"]},
+                                              "finish_reason": {"enum": [None, "stop", "length", "tool_calls"]},
                                               "logprobs": CHAT_LOGPROBS,
                                               "delta": {"type": "object", "additionalProperties": False,
                                                         "properties": {"role": {"const": "assistant"},
-                                                                       "content": {"type": "string"}}}}}},
+                                                                       "content": {"type": "string"},
+                                                                       "tool_calls": {"type": "array", "items": {
+                                                                           **OPENAI_CALL_SCHEMA, "required": [
+                                                                               "index", *OPENAI_CALL_SCHEMA["required"]],
+                                                                           "properties": {
+                                                                               "index": {"type": "integer", "minimum": 0},
+                                                                               **OPENAI_CALL_SCHEMA["properties"]}},
+                                                                           "description": "One delta per call, whole "
+                                                                                          "(id, name, arguments)."}}}}}},
                            "usage": _ref("schemas", "OpenAIUsage")}}),
         "TextCompletionEvent": _openai_event({
             "type": "object", "required": ["id", "object", "created", "model", "choices"],

@@ -28,12 +28,13 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import bad_input
+from gemlora.api.tools import ToolFieldError, ToolRequest, check_history, message_tool_fields, parse_tool_choice, parse_tools
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 from gemlora.structured.output_format import OutputFormat, OutputFormatError, from_guided_json, from_response_format
 
 DEFAULT_MAX_TOKENS = 256             # both dialects (Workers AI's schema default)
 WORKERS_AI_TEMPERATURE = 0.6         # Workers AI's documented default
-MESSAGE_ROLES = ("system", "user", "assistant", "model")
+MESSAGE_ROLES = ("system", "user", "assistant", "model", "tool")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class GenerateRequest:
     reject_if_busy: bool = False         # Workers AI options.rejectIfBusy: 3040 / 429 instead of queueing
     ignored_fields: tuple[str, ...] = ()  # top-level keys neither dialect knows: logged, never silently dropped
     output_format: OutputFormat | None = None   # JSON mode / a JSON schema the output must follow
+    tools: ToolRequest | None = None    # tools offered (or a history of calls): only with messages
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -234,7 +236,8 @@ class _RunOptions(BaseModel):
 class _RunMessage(BaseModel):
     model_config = _STRICT
     role: str
-    content: Text                         # maxLength max_length (the seed schema's 4096)
+    content: Text | None = None           # maxLength max_length (the seed schema's 4096); only an assistant
+                                          # turn that made tool calls may leave it out (checked after)
 
     @field_validator("role")
     @classmethod
@@ -269,9 +272,11 @@ class _RunCommon(BaseModel):
 # Fields of newer Workers AI text-generation schemas that change what the model must produce and that
 # gemlora does not implement: refused (5006 naming the field), never accepted and ignored.
 _RUN_UNSUPPORTED = (
-    ("tools", lambda v: v == [], "tool calling is not supported by this server"),
-    ("functions", lambda v: v == [], "embedded function calling is not supported by this server"),
+    ("functions", lambda v: v == [], "are Workers AI's embedded functions: code that runs inside Cloudflare's "
+                                     "Workers runtime, which this server does not have; declare them as "
+                                     "'tools' and run them yourself"),
 )
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")      # read by gemlora.api.tools, on both dialects
 
 
 class _RunPrompt(_RunCommon):
@@ -285,7 +290,7 @@ class _RunMessages(_RunCommon):
 
 
 _RUN_FIELDS = (set(_RunPrompt.model_fields) | set(_RunMessages.model_fields)
-               | {name for name, _, _ in _RUN_UNSUPPORTED} | {"response_format", "guided_json"})
+               | {name for name, _, _ in _RUN_UNSUPPORTED} | {"response_format", "guided_json"} | set(TOOL_FIELDS))
 
 
 def output_format(data: dict) -> OutputFormat | None:
@@ -351,9 +356,36 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
                   reject_if_busy=bool(run.options and run.options.rejectIfBusy),
                   ignored_fields=tuple(sorted(set(data) - _RUN_FIELDS)), output_format=fmt)
     if has_prompt:
+        for name in TOOL_FIELDS:
+            if name in data:
+                raise bad_input(f"'/{name}' is accepted with messages only (tools need the chat template)",
+                                f"/{name}")
         return GenerateRequest(prompt=run.prompt, messages=None, raw=run.raw, **common)
-    messages = tuple({"role": m.role, "content": m.content} for m in run.messages)
-    return GenerateRequest(prompt=None, messages=messages, raw=False, **common)
+    try:
+        messages, tools = tool_conversation(run.messages, data)
+    except ToolFieldError as exc:
+        if exc.missing:
+            raise bad_input(_workers_ai_text({"type": "missing", "loc": exc.path}), _pointer(exc.path)) from None
+        raise bad_input(f"'{_pointer(exc.path)}' {exc}", _pointer(exc.path)) from None
+    return GenerateRequest(prompt=None, messages=messages, raw=False, tools=tools, **common)
+
+
+def tool_conversation(messages: list, data: dict) -> tuple[tuple[dict, ...], ToolRequest | None]:
+    """Validated messages (with their tool fields) and the request's tools, from either dialect's body:
+    ToolFieldError for what is wrong. `content` may be absent only on an assistant turn that made calls."""
+    out = []
+    for i, (msg, raw) in enumerate(zip(messages, data["messages"])):
+        extra = message_tool_fields(raw, i)
+        if msg.content is None and not extra.get("tool_calls"):
+            raise ToolFieldError("is required (only an assistant message with tool_calls may leave it out)",
+                                 ("messages", i, "content"), missing=True)
+        out.append({"role": msg.role, "content": msg.content or "", **extra})
+    tools = None
+    if any(data.get(name) is not None for name in TOOL_FIELDS):
+        declared = parse_tools(data["tools"]) if data.get("tools") is not None else ()
+        tools = parse_tool_choice(data.get("tool_choice"), declared, data.get("parallel_tool_calls"))
+    check_history(tuple(out), tools)
+    return tuple(out), tools
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,11 @@ from gemlora.lora.registry import UnknownAdapterError
 from gemlora.sampling import InvalidRequestError
 from gemlora.structured.json_grammars import JsonGrammars
 from gemlora.structured.output_format import OutputFormatError
+from gemlora.structured.tool_grammar import tool_output_format
 from gemlora.text.chat import format_chat, format_prompt
+from gemlora.api.tools import ToolStream, read_calls
+from gemlora.text.tool_format import ToolCall, ToolFormatError, format_for
+from gemlora.text.tool_prompt import tool_messages
 
 log = logging.getLogger("gemlora.api")
 
@@ -54,10 +58,12 @@ async def finetune_for(store: FinetuneStore, account: str, lora: str) -> Finetun
 
 
 class TextGeneration:
-    def __init__(self, engine: AsyncEngine, store: FinetuneStore):
+    def __init__(self, engine: AsyncEngine, store: FinetuneStore, tool_format: str | None = None):
         self.engine = engine
         self.store = store
         tokenizer = engine.tokenizer
+        # how tools are written into this model's prompts: FunctionGemma's tokens where it has them
+        self.tool_format = format_for(lambda t: tokenizer.token_id(t) is not None, tool_format)
         self.grammars = JsonGrammars(tokenizer.to_json, engine.model_config.vocab_size,
                                      sorted(engine.engine.stop_token_ids))
 
@@ -74,8 +80,15 @@ class TextGeneration:
 
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         try:
-            text = format_chat(req.messages) if req.messages is not None else format_prompt(req.prompt, raw=req.raw)
-        except ValueError as exc:
+            if req.messages is None:
+                text = format_prompt(req.prompt, raw=req.raw)
+            elif req.tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in req.messages):
+                tools = req.tools.tools if req.tools is not None else ()
+                declare = req.tools is not None and req.tools.choice != "none"
+                text = format_chat(tool_messages(req.messages, tools, self.tool_format, declare))
+            else:
+                text = format_chat(req.messages)
+        except ValueError as exc:      # ToolFormatError too: a history value the format cannot write
             raise bad_input(str(exc), "messages") from exc
         # Workers AI's rule (5021): prompt + max_tokens must fit. The engine itself only needs the prompt
         # to fit, and ends a generation at the window (finish "length"), for callers that want that.
@@ -90,8 +103,34 @@ class TextGeneration:
             raise context_window(len(ids) + req.params.max_tokens, limit)
         return ids
 
-    def _constraint(self, req: GenerateRequest, account: str):
-        constraint = self.grammars.constraint(req.output_format, account)
+    def read_output(self, req: GenerateRequest, text: str, finish_reason) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a finished output; the API's error where it was cut short of valid."""
+        if req.tools is None or req.tools.choice == "none":
+            check_complete(req, text, finish_reason)
+            return text, []
+        try:
+            return read_calls(self.tool_format, text, req.tools)
+        except ToolFormatError:
+            raise output_cut("tools", _why(req, finish_reason)) from None
+
+    def tool_stream(self, req: GenerateRequest) -> ToolStream | None:
+        return ToolStream(req.tools) if req.tools is not None and req.tools.choice != "none" else None
+
+    def finish_stream(self, req: GenerateRequest, tools: ToolStream, finish_reason) -> tuple[str, list[ToolCall]]:
+        try:
+            return tools.finish(self.tool_format)
+        except ToolFormatError:
+            raise output_cut("tools", _why(req, finish_reason)) from None
+
+    def output_format(self, req: GenerateRequest):
+        """What the output must be: the request's JSON format, or its tool calls' grammar (which may include it)."""
+        if req.tools is None:
+            return req.output_format
+        t = req.tools
+        return tool_output_format(self.tool_format, t.offered, t.choice, t.parallel, req.output_format)
+
+    def _constraint(self, fmt, account: str):
+        constraint = self.grammars.constraint(fmt, account)
         return constraint, constraint.shortest()
 
     async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
@@ -104,15 +143,19 @@ class TextGeneration:
         adapter_id = await self.adapter_for(account, req.lora)
         ids = await asyncio.to_thread(self.prompt_ids, req)      # templating and tokenizing: off the loop
         constraint = None
-        if req.output_format is not None:
+        try:
+            fmt = self.output_format(req)
+        except OutputFormatError as exc:
+            raise bad_input(f"'/{exc.field}' {exc}", exc.field) from exc
+        if fmt is not None:
             try:      # salted by account, as the prefix cache: no tenant learns another's schemas by timing
-                constraint, needed = await asyncio.to_thread(self._constraint, req, account)
+                constraint, needed = await asyncio.to_thread(self._constraint, fmt, account)
             except OutputFormatError as exc:
                 raise bad_input(f"'/{exc.field}' {exc}", exc.field) from exc
             # steering keeps the output finishable within max_tokens (GrammarConstraint): refused only when
             # even the shortest valid output cannot fit (prompt + max_tokens fits the window: checked above)
             if needed is not None and needed > req.params.max_tokens:
-                raise budget_too_small(needed, req.output_format.field)
+                raise budget_too_small(needed, fmt.field)
         # Salted by account: tenants never share cached prefixes (nor learn of each other's through timing)
         gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account,
                                    constraint=constraint)
@@ -129,16 +172,19 @@ class TextGeneration:
 
 def check_complete(req: GenerateRequest, text: str, finish_reason) -> None:
     """A constrained output is complete JSON whenever it ends by its grammar or its budget (steering sees
-    to that); only a caller's stop string can cut it short, and then it is refused, never answered as 200."""
-    if req.output_format is None:
+    to that); only a caller's stop string can cut it short, and then it is refused, never answered as 200.
+    (Outputs with tools are read by gemlora.api.tools.read_calls, which refuses likewise.)"""
+    if req.output_format is None or (req.tools is not None and req.tools.choice != "none"):
         return
     try:
         json.loads(text)
     except ValueError:
-        why = f"finish reason {finish_reason.value}" if finish_reason else "finish reason unknown"
-        if req.params.stop:
-            why += ", a stop string matched"
-        raise output_cut(req.output_format.field, why) from None
+        raise output_cut(req.output_format.field, _why(req, finish_reason)) from None
+
+
+def _why(req: GenerateRequest, finish_reason) -> str:
+    why = f"finish reason {finish_reason.value}" if finish_reason else "finish reason unknown"
+    return why + (", a stop string matched" if req.params.stop else "")
 
 
 async def chained(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:

@@ -21,10 +21,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gemlora.api.disconnect import collect
-from gemlora.api.errors import ApiError, bad_input, no_such_model
+from gemlora.api.errors import ApiError, bad_input, no_such_model, output_cut
 from gemlora.api.schemas import _json_object, _lone_surrogate, _pointer, parse_run_body
 from gemlora.api.streaming import DONE, sse, usage
-from gemlora.api.textgen import check_complete, engine_failure
+from gemlora.api.textgen import engine_failure
+from gemlora.api.tools import workers_ai_calls
 from gemlora.engine.async_engine import EngineError
 from gemlora.finetunes.finetune import FinetuneError
 from gemlora.lora.registry import UnknownAdapterError
@@ -52,28 +53,44 @@ async def run(account_id: str, model: str, request: Request):
     record = ctx.metrics.record(request.state.request_id, account, req.lora)
     chunks = await ctx.textgen.stream(account, req, request.state.request_id)
     if req.stream:
-        return StreamingResponse(_sse(chunks, record, request.state.request_id), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return StreamingResponse(_sse(chunks, record, request.state.request_id, ctx.textgen, req),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
     text = await collect(request, chunks, record)
     last = record.last
-    check_complete(req, text, last.finish_reason)
-    response = text
-    if req.output_format is not None and req.output_format.field == "response_format":
-        response = json.loads(text)    # in JSON mode Workers AI answers `response` as the JSON value itself
-    return envelope({"response": response, "usage": usage(last.prompt_tokens, last.completion_tokens)})
+    response, calls = ctx.textgen.read_output(req, text, last.finish_reason)
+    if not calls and req.output_format is not None and req.output_format.field == "response_format":
+        try:                           # in JSON mode Workers AI answers `response` as the JSON value itself
+            response = json.loads(response)
+        except ValueError:
+            raise output_cut("response_format", f"finish reason {last.finish_reason.value}") from None
+    result = {"response": response}
+    if calls:
+        result["tool_calls"] = workers_ai_calls(calls)
+    result["usage"] = usage(last.prompt_tokens, last.completion_tokens)
+    return envelope(result)
 
 
-async def _sse(chunks, record, request_id: str):
+async def _sse(chunks, record, request_id: str, textgen, req):
+    tools = textgen.tool_stream(req)      # calls are held back and sent whole, in one event, when complete
     try:
         async for chunk in chunks:
-            if record.chunk(chunk).text:
-                yield sse({"response": chunk.text})
+            text = record.chunk(chunk).text
+            if text and tools is not None:
+                text = tools.push(text)
+            if text:
+                yield sse({"response": text})
         last = record.last
+        if tools is not None:
+            rest, calls = textgen.finish_stream(req, tools, last.finish_reason)
+            if rest or calls:
+                yield sse({"response": rest, **({"tool_calls": workers_ai_calls(calls)} if calls else {})})
         yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})
     except EngineError as exc:   # the status line is sent: the error goes in the stream, in the envelope
         yield sse(engine_failure(exc).workers_ai_body(request_id))
     except InvalidRequestError as exc:     # refused mid-way (a schema the output cannot follow further)
         yield sse(bad_input(str(exc), exc.field).workers_ai_body(request_id))
+    except ApiError as exc:                # calls cut short (a stop string): said in the stream
+        yield sse(exc.workers_ai_body(request_id))
     finally:
         await chunks.aclose()    # a client that left aborts the request now, not when GC gets to it
         record.done()

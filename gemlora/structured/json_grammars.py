@@ -74,7 +74,7 @@ class JsonGrammars:
 
     def constraint(self, fmt: OutputFormat, salt: str = "") -> GrammarConstraint:
         """A fresh constraint for one request. Raises OutputFormatError naming what cannot be enforced."""
-        key = (salt, fmt.schema)
+        key = (salt, fmt.lark or fmt.schema)
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None:
@@ -115,9 +115,12 @@ class JsonGrammars:
 
     def _compile(self, fmt: OutputFormat) -> llguidance.LLMatcher:
         tokenizer = self._llg_tokenizer()
-        schema = {"type": "object"} if fmt.json_object else json.loads(fmt.schema)
+        schema = {"type": "object"} if fmt.json_object else None if fmt.lark else json.loads(fmt.schema)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+            if fmt.lark is not None:
+                grammar = llguidance.LLMatcher.grammar_from_lark(fmt.lark)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
         except (ValueError, TypeError) as exc:
             raise OutputFormatError(f"the JSON schema cannot be used: {exc}", fmt.field) from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
@@ -155,7 +158,7 @@ _PROBE_ROUNDS = 8
 def grammar_bytes(fmt: OutputFormat) -> int:
     """A compiled grammar's memory, estimated from its schema (a fixed part and ~48 bytes per schema byte:
     2.9 MB for a 54 KB schema, the top of what was measured)."""
-    return 256 * 2**10 + 48 * len((fmt.schema or "").encode())
+    return 256 * 2**10 + 48 * len((fmt.lark or fmt.schema or "").encode())
 
 
 def _first_line(error: str) -> str:

@@ -25,13 +25,19 @@ class OutputFormatError(ValueError):
 class OutputFormat:
     schema: str | None          # canonical JSON of the schema; None: any JSON object (JSON mode)
     field: str                  # the request field that asked for it, for error messages
+    lark: str | None = None     # instead of a schema: a Lark grammar (tool calls or text, gemlora.structured.tool_grammar)
 
     @property
     def json_object(self) -> bool:
-        return self.schema is None
+        return self.schema is None and self.lark is None
+
+    @property
+    def json(self) -> bool:
+        """The whole output is one JSON value (so a complete one parses)."""
+        return self.lark is None
 
 
-def _canonical(schema: Any, field: str) -> str:
+def canonical(schema: Any, field: str) -> str:
     if not isinstance(schema, dict):
         raise OutputFormatError("the JSON schema must be an object", field)
     try:
@@ -67,10 +73,10 @@ def from_response_format(value: Any, field: str = "response_format") -> OutputFo
             raise OutputFormatError('"json_schema.name" must be a string', field)
         if not isinstance(spec["schema"], dict):      # 5, "x", [], false: never the wrapper read as a schema
             raise OutputFormatError('"json_schema.schema" must be an object (a JSON schema)', field)
-        return OutputFormat(_canonical(spec["schema"], field), field)
+        return OutputFormat(canonical(spec["schema"], field), field)
     if "name" in spec and "schema" not in spec and set(spec) <= {"name", "strict", "description"}:
-        return OutputFormat(_canonical({}, field), field)     # OpenAI allows the schema to be left out
-    return OutputFormat(_canonical(spec, field), field)
+        return OutputFormat(canonical({}, field), field)     # OpenAI allows the schema to be left out
+    return OutputFormat(canonical(spec, field), field)
 
 
 def from_guided_json(value: Any, field: str = "guided_json") -> OutputFormat | None:
@@ -86,4 +92,4 @@ def from_guided_json(value: Any, field: str = "guided_json") -> OutputFormat | N
             raise OutputFormatError("the JSON schema nests too deeply", field) from None
         except ValueError:
             raise OutputFormatError("must be a JSON schema: an object, or a string holding one", field) from None
-    return OutputFormat(_canonical(value, field), field)
+    return OutputFormat(canonical(value, field), field)

@@ -37,6 +37,7 @@ class ToolSpec:
 class ToolCall:
     name: str
     arguments: Mapping[str, Any]
+    id: str = ""              # the API's id for it (OpenAI's tool_call_id); the prompt never shows it
 
 
 class ToolFormatError(ValueError):
@@ -71,11 +72,11 @@ class GemmaJsonFormat:
     def calls_schema(self, tools: Sequence[ToolSpec], parallel: bool = False) -> dict:
         """The JSON schema of an output that is only calls (tool_choice "required", or one named tool):
         each names a declared tool and its parameters validate against that tool's schema. One call, or
-        with `parallel` a non-empty array of them (both read back by `parse`)."""
+        with `parallel` also a non-empty array of them (both read back by `parse`)."""
         one = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                           "properties": {"name": {"const": t.name}, "parameters": dict(t.parameters)}}
                          for t in tools]}
-        return {"type": "array", "minItems": 1, "items": one} if parallel else one
+        return {"anyOf": [one, {"type": "array", "minItems": 1, "items": one}]} if parallel else one
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls): the calls when the whole output is one or more call objects (one per line, or
