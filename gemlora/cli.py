@@ -135,6 +135,10 @@ def serve(
     max_adapter_mb: int = typer.Option(300, min=1, help="Largest adapter file accepted, MiB", envvar=_env("max_adapter_mb")),
     max_body_mb: float = typer.Option(8.0, help="Largest request body but an adapter upload, MiB (413 beyond)",
                                       envvar=_env("max_body_mb"), callback=_positive),
+    tool_format: Optional[str] = typer.Option(None, help="How tools are written into prompts: gemma-json (Google's "
+                                                         "Gemma function-calling format) or functiongemma "
+                                                         "(FunctionGemma's tokens); default: from the tokenizer",
+                                              envvar=_env("tool_format")),
     max_loras: int = typer.Option(8, min=0, help="Adapter slots next to the model", envvar=_env("max_loras")),
     max_cpu_loras: int = typer.Option(64, min=1, help="Adapters kept in RAM", envvar=_env("max_cpu_loras")),
     max_lora_rank: int = typer.Option(32, min=1, envvar=_env("max_lora_rank")),
@@ -195,10 +199,14 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem
-    settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
-                              max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
-                              max_adapter_file_bytes=max_adapter_mb * 2**20, max_body_bytes=int(max_body_mb * 2**20),
-                              public_adapters_dir=public_adapters_dir)
+    try:
+        settings = ServerSettings(model_names=(base, *alias), data_dir=data_dir.expanduser(),
+                                  max_input_length=max_input_length, max_finetunes_per_account=max_finetunes_per_account,
+                                  max_adapter_file_bytes=max_adapter_mb * 2**20,
+                                  max_body_bytes=int(max_body_mb * 2**20), public_adapters_dir=public_adapters_dir,
+                                  tool_format=tool_format)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     if replicas > 1 or ray_address:
         try:
             from gemlora.cluster.application import ROUTERS, serve_replicas

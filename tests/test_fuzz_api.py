@@ -143,7 +143,29 @@ def map_case(context, case):
         case.body.pop("guided_json", None)
         if isinstance(case.body.get("response_format"), dict):
             case.body["response_format"] = {"type": "text"}
+        # Tools likewise: their parameters must be valid JSON Schemas the grammar can enforce, a named
+        # tool_choice must name one of them, the history's calls must name them and its results answer
+        # earlier calls, and calls must fit in MAX_TOKENS. Positive cases go without them (negative ones
+        # still send any value); tools are fuzzed by tests/test_fuzz_surfaces.py and tested in
+        # tests/test_api_tools.py.
+        _without_tools(case.body)
     return case
+
+
+def _without_tools(body: dict) -> None:
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        body.pop(name, None)
+    if isinstance(body.get("messages"), list):
+        messages = []
+        for msg in body["messages"]:
+            if isinstance(msg, dict):
+                msg = {k: v for k, v in msg.items() if k not in ("tool_calls", "tool_call_id", "name")}
+                if msg.get("role") == "tool":
+                    msg["role"] = "user"
+                if msg.get("content") is None:
+                    msg["content"] = ""
+            messages.append(msg)
+        body["messages"] = messages
 
 
 @schemathesis.hook      # before_call hooks are global only: this one acts on this document's cases only

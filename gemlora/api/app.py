@@ -35,6 +35,7 @@ from gemlora.api.textgen import TextGeneration, engine_failure
 from gemlora.engine.async_engine import AsyncEngine, EngineError
 from gemlora.finetunes.store import FinetuneStore
 from gemlora.sampling import InvalidRequestError
+from gemlora.text.tool_format import FORMATS
 
 log = logging.getLogger("gemlora.api")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -49,6 +50,7 @@ class ServerSettings:
     max_adapter_file_bytes: int = 300 * 2**20
     max_body_bytes: int = 8 * 2**20              # any request body but an adapter upload's
     public_adapters_dir: Path | None = None
+    tool_format: str | None = None               # how tools are written into prompts; None: from the tokenizer
 
     # multipart's boundaries and headers around one adapter file
     UPLOAD_OVERHEAD_BYTES = 64 * 2**10
@@ -57,6 +59,8 @@ class ServerSettings:
         for name in ("max_input_length", "max_finetunes_per_account", "max_adapter_file_bytes", "max_body_bytes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.tool_format is not None and self.tool_format not in FORMATS:
+            raise ValueError(f"tool_format must be one of {', '.join(FORMATS)}, not {self.tool_format!r}")
 
     def body_limit(self, path: str) -> int:
         """The largest body a request to `path` may send (gemlora.api.body_limit)."""
@@ -95,7 +99,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, auth: Auth,
     from gemlora.api import catalog, openai_api, playground, workers_ai
 
     store = finetune_store(engine, settings)
-    textgen = generation(store) if generation is not None else TextGeneration(engine, store)
+    textgen = generation(store) if generation is not None else TextGeneration(engine, store, settings.tool_format)
     ctx = ServerContext(settings, engine, store, auth, textgen, Metrics(engine))
 
     @asynccontextmanager

@@ -73,15 +73,15 @@ async def _complete(request: Request, chat: bool):
     created = int(time.time())
     logprobs = Logprobs(ctx.textgen.engine.tokenizer, chat) if req.params.logprobs is not None else None
     if req.stream:
-        tools = ctx.textgen.tool_stream(req)
-        finish = functools.partial(ctx.textgen.finish_stream, req, tools) if tools is not None else None
+        tools = ctx.textgen.outputs.stream(req)
+        finish = functools.partial(ctx.textgen.outputs.finish_stream, req, tools) if tools is not None else None
         return StreamingResponse(_stream(chunks, record, oid, created, model, chat, req.include_usage, logprobs,
                                          tools, finish),
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
     kept: list = []
     content = await collect(request, _keeping_logprobs(chunks, kept), record)
     last = record.last
-    content, calls = ctx.textgen.read_output(req, content, last.finish_reason)
+    content, calls = ctx.textgen.outputs.read(req, content, last.finish_reason)
     rendered = logprobs.render(kept) if logprobs is not None else None
     if chat:
         message = {"role": "assistant", "content": content if content or not calls else None}

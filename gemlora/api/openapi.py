@@ -225,14 +225,21 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
     # content may be left out only by an assistant turn that made calls
     content_unless_calls = {"if": {"not": {"required": ["tool_calls"], "properties": {
         "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}},
-        "then": {"required": ["content"]}}
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}}
     run_message = {"type": "object", "required": ["role"], **content_unless_calls,
                    "properties": {"role": {"enum": list(MESSAGE_ROLES)}, "content": text, **MESSAGE_TOOL_FIELDS},
                    "description": "Other keys are ignored."}
     run_prompt = {"title": "Prompt", "type": "object", "required": ["prompt"],
-                  "not": {"anyOf": [{"required": [name]} for name in ("messages", *tool_fields)]},
-                  "properties": {"prompt": prompt, **run_fields}}
-    run_messages = {"title": "Messages", "type": "object", "required": ["messages"],
+                  "not": {"required": ["messages"]},
+                  "properties": {"prompt": prompt, **run_fields,
+                                 "tools": {"type": "array", "maxItems": 0, "description": "With messages only."},
+                                 "tool_choice": {"enum": [None, "none", "auto"], "description": "With messages only."},
+                                 "parallel_tool_calls": PARALLEL_SCHEMA}}
+    # "required" or a named tool needs tools (and a named one must be among them: not expressible here)
+    tools_needed = {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [
+        {"const": "required"}, {"type": "object"}]}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}
+    run_messages = {"title": "Messages", "type": "object", "required": ["messages"], **tools_needed,
                     "not": {"required": ["prompt"]},
                     "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": run_message},
                                    **run_fields, **tool_fields}}
@@ -402,7 +409,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                     "contentMediaType": "application/octet-stream",
                                     "description": "The file's bytes, as a file part (with a filename)."}}},
         "ChatCompletionRequest": {
-            "type": "object", "required": ["model", "messages"], "allOf": [lora_needs_base, top_needs_logprobs],
+            "type": "object", "required": ["model", "messages"],
+            "allOf": [lora_needs_base, top_needs_logprobs, tools_needed],
             "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
                                         "items": chat_message}, **oai_common,
                            "tools": {"anyOf": [{"type": "null"}, TOOLS_SCHEMA], "description": TOOLS_SCHEMA["description"]},

@@ -356,8 +356,8 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
                   reject_if_busy=bool(run.options and run.options.rejectIfBusy),
                   ignored_fields=tuple(sorted(set(data) - _RUN_FIELDS)), output_format=fmt)
     if has_prompt:
-        for name in TOOL_FIELDS:
-            if name in data:
+        for name, off in (("tools", (None, [])), ("tool_choice", (None, "none", "auto"))):
+            if name in data and data[name] not in off:
                 raise bad_input(f"'/{name}' is accepted with messages only (tools need the chat template)",
                                 f"/{name}")
         return GenerateRequest(prompt=run.prompt, messages=None, raw=run.raw, **common)

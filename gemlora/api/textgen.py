@@ -9,12 +9,12 @@ context-window rule (prompt tokens + max_tokens, Workers AI's 5021), compiles th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import AsyncIterator
 
 from gemlora.api.errors import (ApiError, bad_input, budget_too_small, capacity_exceeded, context_window,
-                                finetune_missing_files, finetune_not_found, output_cut)
+                                finetune_missing_files, finetune_not_found)
+from gemlora.api.output_reader import OutputReader
 from gemlora.api.schemas import GenerateRequest
 from gemlora.engine.async_engine import AsyncEngine, EngineDeadError, GenerationChunk
 from gemlora.finetunes.finetune import Finetune, FinetuneError
@@ -26,8 +26,6 @@ from gemlora.structured.json_grammars import JsonGrammars
 from gemlora.structured.output_format import OutputFormatError
 from gemlora.structured.tool_grammar import tool_output_format
 from gemlora.text.chat import format_chat, format_prompt
-from gemlora.api.tools import ToolStream, read_calls
-from gemlora.text.tool_format import ToolCall, ToolFormatError, format_for
 from gemlora.text.tool_prompt import tool_messages
 
 log = logging.getLogger("gemlora.api")
@@ -62,8 +60,8 @@ class TextGeneration:
         self.engine = engine
         self.store = store
         tokenizer = engine.tokenizer
-        # how tools are written into this model's prompts: FunctionGemma's tokens where it has them
-        self.tool_format = format_for(lambda t: tokenizer.token_id(t) is not None, tool_format)
+        self.outputs = OutputReader(tokenizer, tool_format)
+        self.tool_format = self.outputs.tool_format
         self.grammars = JsonGrammars(tokenizer.to_json, engine.model_config.vocab_size,
                                      sorted(engine.engine.stop_token_ids))
 
@@ -102,25 +100,6 @@ class TextGeneration:
         if len(ids) + req.params.max_tokens > limit:
             raise context_window(len(ids) + req.params.max_tokens, limit)
         return ids
-
-    def read_output(self, req: GenerateRequest, text: str, finish_reason) -> tuple[str, list[ToolCall]]:
-        """(content, calls) of a finished output; the API's error where it was cut short of valid."""
-        if req.tools is None or req.tools.choice == "none":
-            check_complete(req, text, finish_reason)
-            return text, []
-        try:
-            return read_calls(self.tool_format, text, req.tools)
-        except ToolFormatError:
-            raise output_cut("tools", _why(req, finish_reason)) from None
-
-    def tool_stream(self, req: GenerateRequest) -> ToolStream | None:
-        return ToolStream(req.tools) if req.tools is not None and req.tools.choice != "none" else None
-
-    def finish_stream(self, req: GenerateRequest, tools: ToolStream, finish_reason) -> tuple[str, list[ToolCall]]:
-        try:
-            return tools.finish(self.tool_format)
-        except ToolFormatError:
-            raise output_cut("tools", _why(req, finish_reason)) from None
 
     def output_format(self, req: GenerateRequest):
         """What the output must be: the request's JSON format, or its tool calls' grammar (which may include it)."""
@@ -168,23 +147,6 @@ class TextGeneration:
         except AdapterError as exc:             # its files no longer load (re-read after leaving RAM)
             raise bad_input(f"finetune {req.lora} cannot be used: {exc}", "lora") from exc
         return chained(first, gen)
-
-
-def check_complete(req: GenerateRequest, text: str, finish_reason) -> None:
-    """A constrained output is complete JSON whenever it ends by its grammar or its budget (steering sees
-    to that); only a caller's stop string can cut it short, and then it is refused, never answered as 200.
-    (Outputs with tools are read by gemlora.api.tools.read_calls, which refuses likewise.)"""
-    if req.output_format is None or (req.tools is not None and req.tools.choice != "none"):
-        return
-    try:
-        json.loads(text)
-    except ValueError:
-        raise output_cut(req.output_format.field, _why(req, finish_reason)) from None
-
-
-def _why(req: GenerateRequest, finish_reason) -> str:
-    why = f"finish reason {finish_reason.value}" if finish_reason else "finish reason unknown"
-    return why + (", a stop string matched" if req.params.stop else "")
 
 
 async def chained(first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:

@@ -120,8 +120,8 @@ def parse_tool_choice(value: Any, tools: tuple[ToolSpec, ...], parallel: Any = N
         if value not in CHOICES:
             raise ToolFieldError('must be "none", "auto", "required" or {"type": "function", "function": '
                                  '{"name": ...}}', ("tool_choice",))
-        if value != "none" and not tools:
-            raise ToolFieldError(f'is "{value}" but no tools are given', ("tool_choice",))
+        if value == "required" and not tools:
+            raise ToolFieldError('is "required" but no tools are given', ("tool_choice",))
         return ToolRequest(tools, value, parallel=parallel)
     function = value.get("function") if isinstance(value, dict) else None
     name = function.get("name") if isinstance(function, dict) else None

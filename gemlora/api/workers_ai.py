@@ -57,7 +57,7 @@ async def run(account_id: str, model: str, request: Request):
                                  media_type="text/event-stream", headers={"cache-control": "no-cache"})
     text = await collect(request, chunks, record)
     last = record.last
-    response, calls = ctx.textgen.read_output(req, text, last.finish_reason)
+    response, calls = ctx.textgen.outputs.read(req, text, last.finish_reason)
     if not calls and req.output_format is not None and req.output_format.field == "response_format":
         try:                           # in JSON mode Workers AI answers `response` as the JSON value itself
             response = json.loads(response)
@@ -71,7 +71,7 @@ async def run(account_id: str, model: str, request: Request):
 
 
 async def _sse(chunks, record, request_id: str, textgen, req):
-    tools = textgen.tool_stream(req)      # calls are held back and sent whole, in one event, when complete
+    tools = textgen.outputs.stream(req)      # calls are held back and sent whole, in one event, when complete
     try:
         async for chunk in chunks:
             text = record.chunk(chunk).text
@@ -81,7 +81,7 @@ async def _sse(chunks, record, request_id: str, textgen, req):
                 yield sse({"response": text})
         last = record.last
         if tools is not None:
-            rest, calls = textgen.finish_stream(req, tools, last.finish_reason)
+            rest, calls = textgen.outputs.finish_stream(req, tools, last.finish_reason)
             if rest or calls:
                 yield sse({"response": rest, **({"tool_calls": workers_ai_calls(calls)} if calls else {})})
         yield sse({"response": "", "usage": usage(last.prompt_tokens, last.completion_tokens)})

@@ -43,7 +43,8 @@ class Ingress:
     def __init__(self, replicas, config: EngineConfig, settings: ServerSettings, auth: Auth, num_replicas: int):
         self.pool = ReplicaPool(config, Path(config.model), num_replicas)
         self.asgi_app = create_app(self.pool, settings, auth,
-                              generation=lambda store: RemoteGeneration(self.pool, store, replicas))
+                              generation=lambda store: RemoteGeneration(self.pool, store, replicas,
+                                                                       settings.tool_format))
 
     def __serve_build_asgi_app__(self):
         return self.asgi_app

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from gemlora.api.output_reader import OutputReader
 from gemlora.api.schemas import GenerateRequest
 from gemlora.api.textgen import chained, finetune_for
 from gemlora.cluster.replica_pool import ReplicaPool
@@ -27,8 +28,10 @@ from gemlora.finetunes.store import FinetuneStore
 
 
 class RemoteGeneration:
-    def __init__(self, pool: ReplicaPool, store: FinetuneStore, replicas: DeploymentHandle):
+    def __init__(self, pool: ReplicaPool, store: FinetuneStore, replicas: DeploymentHandle,
+                 tool_format: str | None = None):
         self.engine, self.store, self.replicas = pool, store, replicas
+        self.outputs = OutputReader(pool.tokenizer, tool_format)      # the replicas' outputs are read here
 
     async def stream(self, account: str, req: GenerateRequest, request_id: str) -> AsyncIterator[GenerationChunk]:
         finetune_id = (await finetune_for(self.store, account, req.lora)).id if req.lora is not None else ""

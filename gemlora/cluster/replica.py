@@ -36,7 +36,7 @@ class EngineReplica:
     def __init__(self, config: EngineConfig, settings: ServerSettings):
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncEngine.from_config(config, progress=False).start()
-        self.textgen = TextGeneration(self.engine, finetune_store(self.engine, settings))
+        self.textgen = TextGeneration(self.engine, finetune_store(self.engine, settings), settings.tool_format)
         # Ray's own LRU of the adapters this replica holds, as large as the engine's RAM tier, so that Ray
         # routes to a replica for an adapter while the engine still holds it.
         self.adapter = serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)(_hold_adapter)
