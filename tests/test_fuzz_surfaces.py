@@ -1,7 +1,7 @@
 """Hypothesis against the surfaces whose contents the OpenAPI document cannot describe, so schemathesis
 (tests/test_fuzz_api.py) sends them only as opaque values: the JSON schemas of `guided_json` and
-`response_format` on every route, the logprobs fields, and the adapter_config.json of an upload (PEFT's
-regexes included). Every answer is no 5xx and an error in its dialect's envelope; where an output is
+`response_format` on every route, tools (their parameters, tool_choice and a history of calls and
+results), the logprobs fields, and the adapter_config.json of an upload (PEFT's regexes included). Every answer is no 5xx and an error in its dialect's envelope; where an output is
 complete, `jsonschema` (the oracle) validates it against its schema; every upload is answered in bounded
 time. Reproducible: derandomized, no example database. The counts are printed for the issue's note.
 """
@@ -129,13 +129,127 @@ def test_fuzz_json_schemas_on_every_route(app, case):
     r = client.post(path, headers=AUTH, json=body)
     out = check_envelope(path, r)
     TALLY[f"json-schema {r.status_code}"] += 1
-    if r.status_code != 200 or path != "/v1/chat/completions":
+    if r.status_code != 200:
         return
-    choice = out["choices"][0]
-    if choice["finish_reason"] == "stop":                       # complete: the oracle checks it
-        jsonschema.Draft202012Validator.check_schema(schema)
-        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
-        TALLY["json-schema outputs validated"] += 1
+    # every 200 is complete, whatever ended it (budget steering): the oracle checks it
+    if path == RUN:
+        value = out["result"]["response"]
+        value = json.loads(value) if "guided_json" in body else value
+    else:
+        choice = out["choices"][0]
+        value = json.loads(choice["message"]["content"] if "message" in choice else choice["text"])
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(value, schema)
+    TALLY["json-schema outputs validated"] += 1
+
+
+# ---- tools ----------------------------------------------------------------------------------------
+
+TOOL_NAMES = st.one_of(st.sampled_from(["f", "get_x", "g-2"]), st.text(max_size=5))
+ODD_VALUE = st.one_of(SCALARS, st.lists(SCALARS, max_size=2), st.dictionaries(st.text(max_size=3), SCALARS, max_size=2))
+
+
+SIMPLE_PROPERTY = st.one_of(st.just({"type": "string"}), st.just({"type": "integer", "minimum": 0}),
+                            st.just({"type": "boolean"}), st.just({"enum": ["x", "y"]}),
+                            st.just({"type": "array", "items": {"type": "number"}, "maxItems": 2}))
+
+
+@st.composite
+def tool_requests(draw):
+    """(path, body, {tool name: its parameters}) with declared tools, a tool_choice and a history: half of
+    the cases well formed (the calls then validated), half hostile in each part (names odd or repeated,
+    parameters any schema or not an object, calls of unknown tools, results answering no call, arguments
+    that are not objects)."""
+    hostile = draw(st.booleans())
+    tools = []
+    for i in range(draw(st.integers(0 if hostile else 1, 3))):
+        if hostile:
+            parameters = draw(st.one_of(SCHEMAS, ODD_VALUE, st.fixed_dictionaries(
+                {"type": st.just("object"), "properties": st.dictionaries(st.sampled_from("abc"), SCHEMAS, max_size=2)},
+                optional={"required": st.lists(st.sampled_from("abcd"), max_size=2)})))
+            name = draw(TOOL_NAMES)
+        else:
+            properties = draw(st.dictionaries(st.sampled_from("abc"), SIMPLE_PROPERTY, max_size=3))
+            parameters = {"type": "object", "properties": properties,
+                          "required": draw(st.lists(st.sampled_from(sorted(properties) or ["a"]), unique=True,
+                                                    max_size=len(properties)))}
+            name = f"tool_{i}"
+        function = {"name": name, "parameters": parameters}
+        shapes = [function, {"type": "function", "function": function}] + ([{"type": "tool", "function": function}]
+                                                                            if hostile else [])
+        tools.append(draw(st.sampled_from(shapes)))
+    declared = [t.get("function", t)["name"] for t in tools]
+    choices = [st.none(), st.sampled_from(["none", "auto", "required"]),
+               st.builds(lambda n: {"type": "function", "function": {"name": n}}, st.sampled_from(declared or ["f"]))]
+    if hostile:
+        choices += [st.just("sometimes"), st.builds(lambda n: {"type": "function", "function": {"name": n}}, TOOL_NAMES)]
+    choice = draw(st.one_of(*choices))
+    messages = [{"role": "user", "content": "Do it."}]
+    if draw(st.booleans()):
+        call_id = draw(st.sampled_from(["c1", "", "x" * 300] if hostile else ["c1"]))
+        name = draw(st.one_of(st.sampled_from(declared or ["f"]), TOOL_NAMES) if hostile
+                    else st.sampled_from(declared))
+        arguments = draw(st.one_of(st.just("{}"), st.just('{"a": 1}'), st.text(max_size=4), ODD_VALUE) if hostile
+                         else st.sampled_from(["{}", '{"a": "1"}']))
+        messages.append({"role": "assistant", "content": draw(st.sampled_from([None, "", "ok"])),
+                         "tool_calls": [{"id": call_id, "type": "function",
+                                         "function": {"name": name, "arguments": arguments}}]})
+        messages.append({"role": "tool", "tool_call_id": draw(st.sampled_from([call_id, "c2", None]) if hostile
+                                                              else st.just(call_id)),
+                         "content": draw(st.sampled_from(['{"t": 3}', "plain", "<escape>"]))})
+        messages.append({"role": "user", "content": "And now?"})
+    body = {"messages": messages, "max_tokens": draw(st.integers(1, 40)), "temperature": draw(st.sampled_from([0, 1.0])),
+            "stream": draw(st.booleans())}
+    if tools or draw(st.booleans()):
+        body["tools"] = tools
+    if choice is not None:
+        body["tool_choice"] = choice
+    if draw(st.booleans()):
+        body["parallel_tool_calls"] = draw(st.one_of(st.booleans(), st.just("yes")) if hostile else st.booleans())
+    parameters = {t.get("function", t)["name"]: t.get("function", t)["parameters"] for t in tools}
+    if draw(st.booleans()):
+        return RUN, body, parameters
+    return "/v1/chat/completions", {**body, "model": MODEL}, parameters
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.slow
+@FUZZ
+@given(case=tool_requests())
+def test_fuzz_tools(app, case):
+    """No 5xx; errors in the envelope; every call a 200 returns names a declared tool, with arguments that
+    validate against its parameters (jsonschema)."""
+    client, _ = app
+    path, body, parameters = case
+    r = client.post(path, headers=AUTH, json=body)
+    TALLY[f"tools {r.status_code}"] += 1
+    if body["stream"] and r.status_code == 200:
+        events = _events(r.text)
+        for event in events:
+            assert "error" not in event and "errors" not in event, event
+        if path == RUN:
+            calls = [(c["name"], c["arguments"]) for e in events for c in e.get("tool_calls", ())]
+        else:
+            calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                     for e in events for choice in e["choices"] for c in choice["delta"].get("tool_calls", ())]
+    else:
+        out = check_envelope(path, r)
+        if r.status_code != 200:
+            return
+        if path == RUN:
+            calls = [(c["name"], c["arguments"]) for c in out["result"].get("tool_calls", ())]
+        else:
+            message = out["choices"][0]["message"]
+            calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                     for c in message.get("tool_calls", ())]
+            assert (out["choices"][0]["finish_reason"] == "tool_calls") == bool(calls)
+    for name, arguments in calls:
+        assert name in parameters, (name, parameters)
+        jsonschema.validate(arguments, parameters[name])
+        TALLY["tool calls validated"] += 1
 
 
 # ---- logprobs -------------------------------------------------------------------------------------
