@@ -26,6 +26,7 @@ from gemlora.structured.json_closer import PLAN_LIMIT, JsonCloser, JsonScan
 _executor: llguidance.LLExecutor | None = None
 STEER_MARGIN = 64    # tokens one token would have to add to the shortest completion to escape the check
 REPLAN = 16          # tokens after which a plan's length is measured again, even far from the budget
+REPLAN_FAILED = 64   # ... after a plan that reached PLAN_LIMIT (a walk of PLAN_LIMIT tokens costs ~1-2 ms)
 
 
 class GrammarConstraint:
@@ -63,9 +64,11 @@ class GrammarConstraint:
     def _far(self) -> bool:
         """The budget is so far beyond the last known shortest completion (measured at most REPLAN tokens
         ago) that no check is needed yet: planning costs ~0.1-1 ms, so it is done near the budget only."""
-        if self._known is None or self._stale >= REPLAN:
+        if self._known is None:
             return False
-        return self._known < 0 or self._budget - 1 > self._known + self._stale + STEER_MARGIN
+        if self._known < 0:                 # no plan within PLAN_LIMIT: the output is far from its end
+            return self._stale < REPLAN_FAILED
+        return self._stale < REPLAN and self._budget - 1 > self._known + self._stale + STEER_MARGIN
 
     def _must_close(self) -> bool:
         """The budget left is exactly what the shortest completion needs: only its next token may come."""
