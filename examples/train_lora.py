@@ -174,6 +174,21 @@ def save_adapter(model, out_dir: Path, model_type: str) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def load_base(model: str | None):
+    """(tokenizer, float32 transformers model) of `model`, by default the embedded GGUF, which transformers
+    dequantizes itself (gemlora's converted folder keeps the quantized codes, which transformers cannot read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemlora.model import source
+    from gemlora.model.source import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))
+    path = Path(model) if model is not None else source.embedded_gguf()
+    if path.suffix == ".gguf":
+        return tok, AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write the adapter into")
@@ -190,17 +205,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemlora.model.source import resolve_model_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model_dir = resolve_model_dir(args.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok, base = load_base(args.model)
     t0 = time.perf_counter()
     anchors = anchor_examples(base.eval(), tok, ANCHOR_PROMPTS, ANCHOR_TOKENS)
     print(f"{len(anchors)} anchor continuations from the base model in {time.perf_counter() - t0:.1f}s, e.g. "

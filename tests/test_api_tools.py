@@ -271,3 +271,81 @@ def test_cloudflare_sdk_round_trip(server):
     final = client.ai.run(MODEL, account_id="acct", messages=messages, tools=[tool], temperature=0, max_tokens=32,
                           extra_body={"tool_choice": "none"})
     assert final["response"] and "tool_calls" not in final
+
+
+# ---- the fixture tool adapter (examples/train_tool_lora.py) ---------------------------------------------
+
+TOOL_ADAPTER = Path(__file__).parent / "fixtures" / "adapters" / "tool-caller"
+
+
+def _trainer():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train_tool_lora
+    return train_tool_lora
+
+
+@pytest.fixture(scope="module")
+def tool_finetune(server):
+    from cloudflare import Cloudflare
+    client = Cloudflare(api_token="tok", base_url=f"{server}/client/v4", max_retries=0)
+    client.ai.finetunes.create(account_id="acct", model=MODEL, name="tool-caller", description="calls two tools")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        client.ai.finetunes.assets.create("tool-caller", account_id="acct", file_name=name,
+                                          file=(TOOL_ADAPTER / name).read_bytes())
+    return "tool-caller"
+
+
+@pytest.mark.slow
+def test_the_tool_adapter_calls_the_right_tool_on_held_out_questions_and_the_base_model_does_not(server, tool_finetune):
+    trainer = _trainer()
+    tools = [{"type": "function", "function": t} for t in trainer.TOOLS]
+    questions = trainer.held_out_questions()
+
+    async def ask(client, question, model):
+        r = await client.post(f"{server}/v1/chat/completions", headers=AUTH, json={
+            "model": model, "messages": [{"role": "user", "content": question}], "tools": tools,
+            "temperature": 0, "max_tokens": 48})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]
+
+    async def main(model):
+        async with httpx.AsyncClient(timeout=600) as client:
+            return await asyncio.gather(*[ask(client, q, model) for q, _, _ in questions])
+
+    rates = {}
+    for model in (tool_finetune, MODEL):
+        right = exact = 0
+        for (question, tool, arguments), message in zip(questions, asyncio.run(main(model))):
+            calls = message.get("tool_calls") or []
+            if len(calls) == 1 and calls[0]["function"]["name"] == tool:
+                args = json.loads(calls[0]["function"]["arguments"])
+                jsonschema.validate(args, next(t for t in trainer.TOOLS if t["name"] == tool)["parameters"])
+                right += 1
+                exact += args == arguments
+        rates[model] = (right / len(questions), exact / len(questions))
+    print(f"held-out questions: {len(questions)}; right tool with valid arguments (and exactly the expected "
+          f"arguments): adapter {rates[tool_finetune]}, base {rates[MODEL]}")
+    assert rates[tool_finetune][0] >= 0.9 and rates[tool_finetune][1] >= 0.75
+    assert rates[MODEL][0] <= 0.2
+
+
+@pytest.mark.slow
+def test_readme_round_trip_with_the_openai_sdk(server, tool_finetune):
+    """The README's example: the finetune calls the tool, gets its result, and answers in words."""
+    from openai import OpenAI
+    trainer = _trainer()
+    client = OpenAI(base_url=f"{server}/v1", api_key="tok", max_retries=0)
+    tools = [{"type": "function", "function": t} for t in trainer.TOOLS]
+    messages = [{"role": "user", "content": "Could you check the weather in Lisbon for me?"}]
+    first = client.chat.completions.create(model=tool_finetune, messages=messages, tools=tools, temperature=0,
+                                           max_tokens=48)
+    [call] = first.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Lisbon"}
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id,
+                  "content": json.dumps({"city": "Lisbon", "temperature_c": 21, "conditions": "sunny"})}]
+    final = client.chat.completions.create(model=tool_finetune, messages=messages, tools=tools, temperature=0,
+                                           max_tokens=32)
+    answer = final.choices[0].message.content
+    assert final.choices[0].finish_reason == "stop" and "Lisbon" in answer and "21" in answer, answer
