@@ -58,6 +58,7 @@ class Request:
         self.constraint = constraint     # the grammar its output follows; its state moves with output_ids
         if constraint is not None and hasattr(constraint, "limit"):
             constraint.limit(self.max_len - len(self.prompt_ids))   # it keeps the output finishable within it
+        self._steer = getattr(constraint, "steer", None)            # looked up once, not per token
         self.finish_reason: FinishReason | None = None
         if (adapter_id is None) != (adapter is None):
             raise ValueError("adapter_id and adapter go together")
@@ -83,8 +84,8 @@ class Request:
 
     def append(self, token: int) -> FinishReason | None:
         """Adds the sampled token, or the one its grammar steers to instead (output_ids[-1] says which)."""
-        if self.constraint is not None and hasattr(self.constraint, "steer"):
-            token = self.constraint.steer(token)
+        if self._steer is not None:
+            token = self._steer(token)
         self.output_ids.append(token)
         if self.constraint is not None:
             self.constraint.accept(token)

@@ -45,7 +45,7 @@ def grammars(converted):
 def _allowed(matcher) -> list[int]:
     bitmask = torch.zeros(1, mask_words(262144), dtype=torch.int32)
     llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
-    return torch.nonzero(((bitmask[0].unsqueeze(1) >> torch.arange(32)) & 1).flatten()).flatten().tolist()
+    return _allowed_from(bitmask)
 
 
 def test_from_any_point_the_plan_finishes_valid_json(grammars):

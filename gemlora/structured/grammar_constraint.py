@@ -119,11 +119,12 @@ class GrammarConstraint:
         global _executor
         if _executor is None:
             _executor = llguidance.LLExecutor(max(1, min(torch.get_num_threads(), 8)))
-        free = [(c, row) for c, row in zip(constraints, rows) if not c._must_close()]
+        closing = [c._must_close() for c in constraints]
+        free = [(c._matcher, row) for c, row, close in zip(constraints, rows, closing) if not close]
         if free:
-            llguidance.torch.fill_next_token_bitmask_par(_executor, [(c._matcher, row) for c, row in free], bitmask)
-        for c, row in zip(constraints, rows):
-            if c._must_close():
+            llguidance.torch.fill_next_token_bitmask_par(_executor, free, bitmask)
+        for c, row, close in zip(constraints, rows, closing):
+            if close:
                 c._only(bitmask, row, c._current_plan()[0])
 
     def accept(self, token: int) -> None:
