@@ -24,19 +24,58 @@ class InvalidRequestError(ValueError):
         return str(self.args[0])
 
 
-def _check_range(name: str, value: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__}", name)
-    if value != value or value > hi or value < lo or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise InvalidRequestError(f"{name} must be in {bound}, got {value}", name)
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values an option takes: numbers from `lo` to `hi` (either end None: open-ended; `lo_open`: `lo`
+    itself excluded), integers only where `integer`. The one statement of an option's range: the checks below
+    and the HTTP schemas (gemlora.api.fields) both read it."""
+
+    lo: float | None
+    hi: float | None
+    integer: bool = False
+    lo_open: bool = False
+
+    def json_schema(self) -> dict:
+        out: dict = {"type": "integer" if self.integer else "number"}
+        if self.lo is not None:
+            out["exclusiveMinimum" if self.lo_open else "minimum"] = self.lo
+        if self.hi is not None:
+            out["maximum"] = self.hi
+        return out
+
+    def check(self, name: str, value: float | None) -> None:
+        if value is None:
+            return
+        if self.integer and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__}", name)
+        lo = float("-inf") if self.lo is None else self.lo
+        hi = float("inf") if self.hi is None else self.hi
+        if value != value or value > hi or value < lo or (self.lo_open and value == lo):
+            bound = f"({self.lo}, {self.hi}]" if self.lo_open else f"[{self.lo}, {self.hi}]"
+            raise InvalidRequestError(f"{name} must be in {bound}, got {value}", name)
+
+
+# Workers AI's text-generation ranges (OpenAI's temperature 0-2 and top_p 0-1 lie inside them); a
+# repetition penalty of 0 would divide logits by zero, so its lower bound is exclusive.
+RANGES = {
+    "max_tokens": Range(1, None, integer=True),
+    "temperature": Range(0, 5),
+    "top_p": Range(0, 2),
+    "top_k": Range(1, 50, integer=True),
+    "seed": Range(1, 9_999_999_999, integer=True),
+    "repetition_penalty": Range(0, 2, lo_open=True),
+    "frequency_penalty": Range(0, 2),
+    "presence_penalty": Range(0, 2),
+    "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "lora_scale": Range(0, 10),
+}
 
 
 def check_lora_scale(value: float) -> float:
     """The per-request adapter scale: 0 is the base model, 1 the adapter as trained."""
-    _check_range("lora_scale", value, 0, 10)
+    RANGES["lora_scale"].check("lora_scale", value)
     return float(value)
 
 
@@ -58,21 +97,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
-        _check_range("temperature", self.temperature, 0, 5)
-        _check_range("top_p", self.top_p, 0, 2)
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
-            raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}", "top_k")
-        _check_range("top_k", self.top_k, 1, 50)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
-        _check_range("seed", self.seed, 1, 9_999_999_999)
-        # 0 would divide logits by zero; the schema's lower bound is taken as exclusive.
-        _check_range("repetition_penalty", self.repetition_penalty, 0, 2, lo_open=True)
-        _check_range("frequency_penalty", self.frequency_penalty, 0, 2)
-        _check_range("presence_penalty", self.presence_penalty, 0, 2)
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)):
-            raise InvalidRequestError(f"logprobs must be an integer, got {self.logprobs!r}", "logprobs")
-        _check_range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name, values in RANGES.items():
+            if name not in ("max_tokens", "lora_scale"):
+                values.check(name, getattr(self, name))
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings", "stop")
 

@@ -19,16 +19,14 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, Validati
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from gemlora.api.errors import ApiError
-from gemlora.api.schemas import (_JSON_TYPES, _STRICT, DEFAULT_MAX_TOKENS, MAX_MESSAGES, MESSAGE_ROLES, TOOL_FIELDS,
-                                 GenerateRequest, Int, Raw, _check_max_length, _crossed_bound, _json_object, _json_type,
-                                 _lone_surrogate, _rest, output_format, tool_conversation)
+from gemlora.api.fields import CHAT, COMPLETION, SAMPLING, STRICT, check_max_length, default, names, options_model, refused
+from gemlora.api.schemas import (_JSON_TYPES, MAX_MESSAGES, MESSAGE_ROLES, GenerateRequest, _crossed_bound, _json_object,
+                                 _json_type, _lone_surrogate, _rest, output_format, tool_conversation)
 from gemlora.api.tools import ToolFieldError
 from gemlora.structured.output_format import OutputFormatError
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 
-OPENAI_TEMPERATURE = 1.0             # OpenAI's default
 OPENAI_ROLES = MESSAGE_ROLES + ("developer",)   # OpenAI's newer name for system; sent as "system"
-MAX_STOP = 4                         # OpenAI's limit on stop sequences
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,11 +47,11 @@ def _openai_content(value: Any, info: ValidationInfo) -> str | None:
         value = "\n".join(texts)
     if not isinstance(value, str):
         raise PydanticKnownError("string_type")
-    return _check_max_length(value, info)
+    return check_max_length(value, info)
 
 
 class _ChatMessage(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     role: str
     content: Annotated[Any, AfterValidator(_openai_content)] = None
 
@@ -66,56 +64,19 @@ class _ChatMessage(BaseModel):
         return "system" if role == "developer" else role
 
 
-class _StreamOptions(BaseModel):
-    model_config = _STRICT
-    include_usage: bool | None = None
-
-
-class _OpenAICommon(BaseModel):
-    # OpenAI clients send explicit nulls for unset options, so here every optional field takes null.
-    model_config = _STRICT
+class _OpenAIBase(BaseModel):
+    # The typed options (gemlora.api.fields): OpenAI clients send explicit nulls for unset options, so
+    # every one takes null.
+    model_config = STRICT
     model: str = Field(min_length=1)
-    max_tokens: Int | None = None
-    max_completion_tokens: Int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: Int | None = None                 # extension
-    seed: Int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None  # extension
-    stop: Any = ()                           # validators below turn null, a string or a list into a tuple
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-    n: Int | None = None
-    lora: str | None = Field(None, min_length=1)   # extension: finetune name or id
-    lora_scale: float | None = None                # extension
-    ignore_eos: bool | None = None                 # extension (vLLM's): generate max_tokens whatever comes
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, stop: Any) -> tuple:
-        if stop is None:
-            return ()
-        if isinstance(stop, str):
-            return (stop,)
-        if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            if len(stop) > MAX_STOP:
-                raise PydanticCustomError("stop", f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
-            return tuple(stop)
-        raise PydanticCustomError("stop", f"must be a string or an array of up to {MAX_STOP} strings")
 
 
-class _Chat(_OpenAICommon):
+class _Chat(options_model(CHAT, _OpenAIBase)):
     messages: list[_ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    logprobs: bool | None = None
-    top_logprobs: Int | None = None
 
 
-class _Completion(_OpenAICommon):
+class _Completion(options_model(COMPLETION, _OpenAIBase)):
     prompt: Any
-    logprobs: Int | None = None              # the number of alternatives per token, 0 to MAX_LOGPROBS
-    raw: Raw | None = None                   # extension: false applies the chat template to the prompt
 
     @field_validator("prompt")
     @classmethod
@@ -135,46 +96,11 @@ class _Completion(_OpenAICommon):
             raise PydanticKnownError("string_type")
         if not prompt:
             raise PydanticKnownError("string_too_short", {"min_length": 1})
-        return _check_max_length(prompt, info)
+        return check_max_length(prompt, info)
 
 
-def _off(value: Any) -> bool:
-    return value is None or value is False or value == 0 or value == [] or value == {} or value == ""
-
-
-# OpenAI options this server cannot honour: refused rather than silently ignored when set.
-_UNSUPPORTED = (
-    ("n", lambda v: v is None or v == 1, "only n=1 is supported"),
-    ("best_of", lambda v: v is None or (v == 1 and not isinstance(v, bool)), "only best_of=1 is supported"),
-    ("echo", _off, "echo is not supported"),
-    ("suffix", _off, "suffix is not supported"),
-    ("logit_bias", _off, "logit_bias is not supported"),
-    ("functions", _off, "the legacy functions are not supported: declare them as tools"),
-    ("function_call", lambda v: v in (None, "none", "auto"), "the legacy functions are not supported: use "
-                                                             "tool_choice"),
-    ("modalities", lambda v: v in (None, ["text"]), "only text output is supported"),
-    ("audio", _off, "audio output is not supported"),
-    ("prediction", _off, "predicted outputs are not supported"),
-    ("web_search_options", _off, "web search is not supported"),
-    ("reasoning_effort", _off, "reasoning is not supported by this model"),
-    ("guided_regex", _off, "guided decoding is not supported by this server yet"),
-    ("guided_choice", _off, "guided decoding is not supported by this server yet"),
-    ("guided_grammar", _off, "guided decoding is not supported by this server yet"),
-)
-
-_COMPLETION_UNSUPPORTED = (
-    ("top_logprobs", _off, "completions take the number of alternatives in logprobs; top_logprobs is a chat "
-                           "completions option"),
-    ("tools", _off, "tools are a chat completions option"),
-    ("tool_choice", _off, "tools are a chat completions option"),
-)
-
-# OpenAI fields that describe the call rather than the output: accepted, with no effect on generation.
-_METADATA = ("user", "metadata", "store", "service_tier")
 # every top-level field either route reads (the rest are ignored, and never walked)
-_KNOWN = frozenset(set(_Chat.model_fields) | set(_Completion.model_fields) | set(_METADATA)
-                   | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED} | {"response_format", "guided_json"}
-                   | set(TOOL_FIELDS))
+_KNOWN = names(CHAT) | names(COMPLETION) | {"model", "messages", "prompt"}
 
 
 def parse_chat_completion(body: bytes, *, max_length: int | None = None) -> tuple[str, GenerateRequest]:
@@ -205,14 +131,12 @@ def parse_completion(body: bytes, *, max_length: int | None = None) -> tuple[str
     extension field `raw` is false. `prompt` is a string or an array of exactly one string.
     """
     req, data = _parse_openai(body, _Completion, max_length)
-    for name, ok, why in _COMPLETION_UNSUPPORTED:
-        if not ok(data.get(name)):
-            raise ApiError(5006, 400, f"Invalid '{name}': {why}, got {json.dumps(data.get(name))}.", param=name)
     raw = True if req.raw is None else req.raw
     return req.model, _openai_request(req, data, prompt=req.prompt, messages=None, raw=raw, logprobs=req.logprobs)
 
 
 def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
+    route = CHAT if model is _Chat else COMPLETION
     data = _json_object(body)
     if data is None:
         raise ApiError(5006, 400, "Invalid body: the request body is not a JSON object.")
@@ -226,13 +150,14 @@ def _parse_openai(body: bytes, model: type[BaseModel], max_length: int | None):
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise ApiError(5006, 400, _openai_text(err), param=_openai_param(err["loc"])) from None
-    for name, ok, why in _UNSUPPORTED:
-        if not ok(data.get(name)):
-            raise ApiError(5006, 400, f"Invalid '{name}': {why}, got {json.dumps(data.get(name))}.", param=name)
+    for f in refused(route):
+        if not f.accepts(data.get(f.name)):
+            raise ApiError(5006, 400, f"Invalid '{f.name}': {f.why}, got {json.dumps(data.get(f.name))}.",
+                           param=f.name)
     return req, data
 
 
-def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw, logprobs: int | None) -> GenerateRequest:
+def _openai_request(req: BaseModel, data: dict, *, prompt, messages, raw, logprobs: int | None) -> GenerateRequest:
     if (req.max_tokens is not None and req.max_completion_tokens is not None
             and req.max_tokens != req.max_completion_tokens):
         raise ApiError(5006, 400, "Invalid 'max_tokens': give max_tokens or max_completion_tokens, "
@@ -246,12 +171,13 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw, lo
                                       f"(it accepts 0 to 2), got {value}.", param=name)
     # temperature: OpenAI's 0..2 is a subset of the engine's 0..5 (Workers AI's range); 0..5 is
     # accepted on both dialects for parity. Default 1.0, as OpenAI. top_p likewise 0..2.
-    options = {"max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-               "temperature": OPENAI_TEMPERATURE if req.temperature is None else req.temperature,
-               "stop": req.stop, "ignore_eos": bool(req.ignore_eos), "logprobs": logprobs}
-    for name in ("top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty"):
-        if getattr(req, name) is not None:
-            options[name] = getattr(req, name)
+    route = COMPLETION if messages is None else CHAT
+    options = {"stop": req.stop, "ignore_eos": bool(req.ignore_eos), "logprobs": logprobs}
+    for name in SAMPLING:
+        value = max_tokens if name == "max_tokens" else getattr(req, name)
+        value = default(name, route) if value is None else value
+        if value is not None:
+            options[name] = value
     try:
         params = SamplingParams(**options)
         lora_scale = check_lora_scale(1.0 if req.lora_scale is None else req.lora_scale)
@@ -268,9 +194,7 @@ def _openai_request(req: _OpenAICommon, data: dict, *, prompt, messages, raw, lo
     except OutputFormatError as exc:
         raise ApiError(5006, 400, f"Invalid '{exc.field}': {exc}.", param=exc.field) from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    known = (set(type(req).model_fields) | {name for name, _, _ in _UNSUPPORTED + _COMPLETION_UNSUPPORTED}
-             | set(_METADATA) | set(TOOL_FIELDS)
-             | {"response_format", "guided_json"})
+    known = names(route) | set(type(req).model_fields)
     return GenerateRequest(prompt=prompt, messages=messages, raw=raw, stream=bool(req.stream), params=params,
                            lora=req.lora, lora_scale=lora_scale, include_usage=include_usage,
                            ignored_fields=tuple(sorted(set(data) - known)), output_format=fmt)

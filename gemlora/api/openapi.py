@@ -7,8 +7,10 @@ with OpenAI's error body, `/health` and `/metrics`, the bearer scheme, every sta
 answer, and real examples (the 200 answers were produced by the embedded google/gemma-3-270m with
 `--dtype float32`; the errors are the server's own texts).
 
-Hand-written, not FastAPI's generated document: the routes read raw bodies (JSON whatever the
-content type, multipart), so the generated one has no bodies. It must follow the code it describes:
+Written here, not FastAPI's generated document: the routes read raw bodies (JSON whatever the
+content type, multipart), so the generated one has no bodies. The generation routes' options are
+not written here: each is declared once in gemlora.api.fields, which the parsers' pydantic models
+are built from too (tests/test_request_fields.py checks that both accept the same bodies). It must follow the code it describes:
 tests/test_openapi.py validates it, checks every example against its schema and sends every request
 example to a server; tests/test_fuzz_api.py fuzzes a server against it. Knows the routes, fields,
 limits and codes of gemlora.api; nothing of the engine or of HTTP framework objects.
@@ -19,10 +21,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from gemlora.api.openai_schemas import MAX_STOP, OPENAI_ROLES
-from gemlora.api.tools import (MESSAGE_TOOL_FIELDS, OPENAI_CALL_SCHEMA, PARALLEL_SCHEMA,
-                               TOOL_CHOICE_SCHEMA, TOOLS_SCHEMA, WORKERS_AI_CALL_SCHEMA)
-from gemlora.api.schemas import DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_STOP_STRINGS, MESSAGE_ROLES, WORKERS_AI_TEMPERATURE
+from gemlora.api.fields import CHAT, COMPLETION, RUN, properties
+from gemlora.api.openai_schemas import OPENAI_ROLES
+from gemlora.api.tools import MESSAGE_TOOL_FIELDS, OPENAI_CALL_SCHEMA, WORKERS_AI_CALL_SCHEMA
+from gemlora.api.schemas import MAX_MESSAGES, MESSAGE_ROLES
 from gemlora.finetunes.files import ASSET_NAMES
 from gemlora.sampling import MAX_LOGPROBS
 
@@ -34,22 +36,6 @@ _JSON = "application/json"
 _SSE = "text/event-stream"
 
 
-
-# JSON mode and JSON-schema output (gemlora.structured): both dialects take both wrappers.
-RESPONSE_FORMAT = {
-    "type": "object", "required": ["type"],
-    "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
-                   "json_schema": {"type": "object", "description": "OpenAI's `{name, schema, strict}` or, as "
-                                   "Workers AI sends it, the JSON schema itself."}},
-    "description": "`json_object`: the output is one JSON object; `json_schema`: JSON valid against the schema "
-                   "(enforced token by token; a schema feature that cannot be enforced is refused with 5006). "
-                   "On `ai/run` without streaming, `response` is then the JSON value itself, as Workers AI's JSON "
-                   "mode answers. As `max_tokens` nears, the output is steered to its shortest valid ending, so an answer is "
-                   "valid JSON whenever any fits; a `max_tokens` below the shortest valid output is refused with "
-                   "5006 naming the least that fits (the same for `guided_json` and on the OpenAI routes)."}
-GUIDED_JSON = {"anyOf": [{"type": "object"}, {"type": "string"}],
-               "description": "A JSON schema (or a string holding one) the output must follow; `response` stays "
-                              "text. Not together with `response_format`."}
 
 # logprobs on the OpenAI routes (gemlora.api.openai_logprobs): -9999.0 stands for a token the distribution excludes.
 _LOGPROB = {"type": "number", "minimum": -9999.0, "maximum": 0}
@@ -79,13 +65,6 @@ TEXT_LOGPROBS = {
 
 def _ref(kind: str, name: str) -> dict:
     return {"$ref": f"{_REF}{kind}/{name}"}
-
-
-def _nullable(schema: dict) -> dict:
-    """The schema with `null` added to its type (OpenAI clients send explicit nulls for unset options)."""
-    out = dict(schema)
-    out["type"] = [schema["type"], "null"]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,40 +167,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                                                         "status": {"const": "accepted"}}}),
     }
 
-    run_fields = {
-        "raw": {"enum": [True, False, "true", "false"], "default": False,
-                "description": "With `prompt`: send it verbatim, with no chat template. The strings "
-                               "\"true\"/\"false\" are accepted as Cloudflare's LoRA docs send them. With "
-                               "`messages`: accepted and ignored (messages are always templated)."},
-        "stream": {"type": "boolean", "default": False, "description": "Answer with server-sent events."},
-        "max_tokens": {"type": "integer", "minimum": 1, "default": DEFAULT_MAX_TOKENS,
-                       "description": "Prompt tokens + max_tokens must fit the context window (else 5021 / 413)."},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 5, "default": WORKERS_AI_TEMPERATURE,
-                        "description": "0 is greedy."},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 2, "default": 1.0},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
-        "seed": {"type": "integer", "minimum": 1, "maximum": 9999999999},
-        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2, "default": 1.0},
-        "frequency_penalty": {"type": "number", "minimum": 0, "maximum": 2, "default": 0},
-        "presence_penalty": {"type": "number", "minimum": 0, "maximum": 2, "default": 0},
-        "lora": {"type": "string", "minLength": 1,
-                 "description": "A finetune id or name: the caller's own, another account's public one (by id), "
-                                "or a public adapter."},
-        "lora_scale": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0,
-                       "description": "gemlora extension: 0 is the base model, 1 the adapter as trained."},
-        "stop": {"anyOf": [{**text, "minLength": 1},
-                           {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {**text, "minLength": 1}}],
-                 "description": "The output ends before the first match (not included)."},
-        "options": {"type": "object", "properties": {"rejectIfBusy": {"type": "boolean", "default": False}},
-                    "description": "`rejectIfBusy`: answer 3040 / 429 instead of queueing when requests wait."},
-        "response_format": RESPONSE_FORMAT,
-        "guided_json": GUIDED_JSON,
-        # Refused (5006 naming the field), never accepted and ignored.
-        "functions": {"type": "array", "maxItems": 0, "description": "Refused: Workers AI's embedded functions "
-                                                                      "run code inside Cloudflare's runtime; "
-                                                                      "declare `tools` instead (only [] passes)."},
-    }
-    tool_fields = {"tools": TOOLS_SCHEMA, "tool_choice": TOOL_CHOICE_SCHEMA, "parallel_tool_calls": PARALLEL_SCHEMA}
+    run_fields = properties(RUN, max_length)
     # content may be left out only by an assistant turn that made calls
     content_unless_calls = {"if": {"not": {"required": ["tool_calls"], "properties": {
         "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}},
@@ -233,8 +179,7 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
                   "not": {"required": ["messages"]},
                   "properties": {"prompt": prompt, **run_fields,
                                  "tools": {"type": "array", "maxItems": 0, "description": "With messages only."},
-                                 "tool_choice": {"enum": [None, "none", "auto"], "description": "With messages only."},
-                                 "parallel_tool_calls": PARALLEL_SCHEMA}}
+                                 "tool_choice": {"enum": [None, "none", "auto"], "description": "With messages only."}}}
     # "required" or a named tool needs tools (and a named one must be among them: not expressible here)
     tools_needed = {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [
         {"const": "required"}, {"type": "object"}]}}},
@@ -242,49 +187,11 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
     run_messages = {"title": "Messages", "type": "object", "required": ["messages"], **tools_needed,
                     "not": {"required": ["prompt"]},
                     "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": run_message},
-                                   **run_fields, **tool_fields}}
+                                   **run_fields}}
 
     oai_model = {"anyOf": [{"enum": names}, {"type": "string", "minLength": 1}],
                  "description": "A served model name, or one of the caller's finetunes (or a public one) by name "
                                 "or id, which then becomes the adapter."}
-    off = {"enum": [None, False, 0, "", [], {}], "description": "Refused unless off (null, false, 0, \"\", [], {})."}
-    oai_common = {
-        "model": oai_model,
-        "max_tokens": _nullable({"type": "integer", "minimum": 1, "default": DEFAULT_MAX_TOKENS}),
-        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
-                                            "description": "If max_tokens is also given, they must be equal."}),
-        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 5, "default": 1.0}),
-        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-        "top_k": _nullable({"type": "integer", "minimum": 1, "maximum": 50, "description": "Extension."}),
-        "seed": _nullable({"type": "integer", "minimum": 1, "maximum": 9999999999}),
-        "frequency_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
-                                        "description": "Negative values are refused."}),
-        "presence_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
-                                       "description": "Negative values are refused."}),
-        "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 2,
-                                         "description": "Extension."}),
-        "stop": {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1},
-                           {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]},
-        "stream": _nullable({"type": "boolean"}),
-        "stream_options": _nullable({"type": "object",
-                                     "properties": {"include_usage": _nullable({"type": "boolean"})}}),
-        "n": {"enum": [None, 1], "description": "Only 1."},
-        "best_of": {"enum": [None, 1], "description": "Only 1."},
-        "lora": _nullable({"type": "string", "minLength": 1, "description": "Extension: a finetune id or name; "
-                                                                            "`model` must then be a served name."}),
-        "lora_scale": _nullable({"type": "number", "minimum": 0, "maximum": 10, "description": "Extension."}),
-        "ignore_eos": _nullable({"type": "boolean", "description": "Extension (as vLLM's): keep generating "
-                                                                   "past end-of-sequence, up to max_tokens."}),
-        **{name: off for name in ("echo", "suffix", "logit_bias", "functions",
-                                  "audio", "prediction", "web_search_options", "reasoning_effort",
-                                  "guided_regex", "guided_choice", "guided_grammar")},
-        "response_format": _nullable(RESPONSE_FORMAT),
-        "guided_json": {"anyOf": [{"type": "null"}, *GUIDED_JSON["anyOf"]], "description": GUIDED_JSON["description"]},
-        "function_call": {"enum": [None, "none", "auto"]},
-        "modalities": {"enum": [None, ["text"]]},
-        **{name: {"description": "Accepted, no effect on generation."}
-           for name in ("user", "metadata", "store", "service_tier")},
-    }
     # A finetune as `model` and another one in `lora` would be two adapters: with `lora`, `model` is a served name.
     lora_needs_base = {"if": {"required": ["lora"], "properties": {"lora": {"type": "string"}}},
                        "then": {"properties": {"model": {"enum": names}}}}
@@ -347,7 +254,8 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
         "RunMessages": run_messages,
         "RunRequest": {"description": "Exactly one of `prompt` / `messages` (a body with both is refused). Other "
                                       "keys are ignored. Types are strict: \"5\" is not an integer, 5.0 is, null "
-                                      "is not a value of any field.",
+                                      "is not a value of any typed field (the output format and tool options take "
+                                      "it as not given).",
                        "oneOf": [_ref("schemas", "RunPrompt"), _ref("schemas", "RunMessages")]},
         "RunResponse": envelope({"type": "object", "required": ["response", "usage"], "additionalProperties": False,
                                  "properties": {"response": {
@@ -412,29 +320,15 @@ def _schemas(names: list[str], max_length: int | None) -> dict:
             "type": "object", "required": ["model", "messages"],
             "allOf": [lora_needs_base, top_needs_logprobs, tools_needed],
             "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
-                                        "items": chat_message}, **oai_common,
-                           "tools": {"anyOf": [{"type": "null"}, TOOLS_SCHEMA], "description": TOOLS_SCHEMA["description"]},
-                           "tool_choice": TOOL_CHOICE_SCHEMA, "parallel_tool_calls": PARALLEL_SCHEMA,
-                           "logprobs": _nullable({"type": "boolean", "description": "Return each output token's "
-                                                                                   "log-probability."}),
-                           "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
-                                                      "description": "Alternatives per token; needs logprobs "
-                                                                     "true."})},
+                                        "items": chat_message},
+                           "model": oai_model, **properties(CHAT, max_length)},
             "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
         "CompletionRequest": {
             "type": "object", "required": ["model", "prompt"], **lora_needs_base,
             "properties": {"prompt": {"anyOf": [one_prompt, {"type": "array", "minItems": 1, "maxItems": 1,
                                                              "items": one_prompt}],
                                       "description": "One text prompt (token-id prompts are refused)."},
-                           "raw": {"enum": [None, True, False, "true", "false"],
-                                   "description": "Extension: false applies the chat template (default: raw)."},
-                           **oai_common,
-                           "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
-                                                  "description": "Return each output token's log-probability and "
-                                                                 "this many alternatives."}),
-                           "top_logprobs": {**off, "description": "A chat option: refused unless off here."},
-                           **{name: {**off, "description": "A chat option: refused unless off here."}
-                              for name in ("tools", "tool_choice")}},
+                           "model": oai_model, **properties(COMPLETION, max_length)},
             "description": "Unknown keys are ignored; null is \"not given\" for every optional field."},
         "ChatCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],

@@ -8,8 +8,9 @@ and a messages branch), with the wording of its validation errors: Workers AI's
 Every error is an `ApiError` 5006 / 400. The OpenAI dialect lives in gemlora.api.openai_schemas,
 which builds on the shared pieces here; this module must not know anything OpenAI-specific.
 
-Types are checked by pydantic v2 models (strict: no silent "5" -> 5); numeric ranges by
-`SamplingParams` and `check_lora_scale` (gemlora.sampling), so the ranges live in one place.
+Types are checked by pydantic v2 models (strict: no silent "5" -> 5) built from the options' one
+declaration (gemlora.api.fields); numeric ranges by `SamplingParams` and `check_lora_scale`
+(gemlora.sampling), so the ranges live in one place.
 
 Knows nothing of the engine, the KV cache, adapters' weights or HTTP framework objects: bytes in,
 a frozen dataclass out. Whether a finetune exists, and the context window, are checked later.
@@ -21,19 +22,17 @@ import json
 import re
 from dataclasses import dataclass
 from collections.abc import Collection
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator)
-from pydantic_core import PydanticCustomError, PydanticKnownError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from gemlora.api.errors import bad_input
+from gemlora.api.fields import RUN, SAMPLING, STRICT, Text, names, options_model, refused
 from gemlora.api.tools import ToolFieldError, ToolRequest, check_history, message_tool_fields, parse_tool_choice, parse_tools
 from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_scale
 from gemlora.structured.output_format import OutputFormat, OutputFormatError, from_guided_json, from_response_format
 
-DEFAULT_MAX_TOKENS = 256             # both dialects (Workers AI's schema default)
-WORKERS_AI_TEMPERATURE = 0.6         # Workers AI's documented default
 MESSAGE_ROLES = ("system", "user", "assistant", "model", "tool")
 
 
@@ -62,41 +61,6 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt / messages must be set")
-
-
-# --------------------------------------------------------------------------------------------------
-# Field types shared by both dialects' models
-
-_STRICT = ConfigDict(extra="allow", strict=True)   # unknown keys pass, as in Workers AI (and OpenAI's extras)
-
-
-def _integral(value: Any) -> Any:
-    # JSON has one number type: 5.0 is the integer 5 to a JSON-Schema validator (and to JavaScript),
-    # so an integral float is taken as an int. 5.5, "5" and true stay type errors.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _raw_flag(value: Any) -> Any:
-    # `raw` accepts true/false and also the strings "true"/"false": Cloudflare's own LoRA docs send
-    # `"raw": "true"` and Workers AI answers those without a validation error. Whether Workers AI then
-    # honours it is unconfirmed; the docs clearly mean raw mode, so "true" turns raw mode on.
-    # Any other string is a type error.
-    if isinstance(value, str) and value in ("true", "false"):
-        return value == "true"
-    return value
-
-
-def _check_max_length(value: str, info: ValidationInfo) -> str:
-    # The cap is per call (the server's setting), so it comes in the validation context.
-    limit = (info.context or {}).get("max_length")
-    if limit is not None and len(value) > limit:
-        raise PydanticKnownError("string_too_long", {"max_length": limit})
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-Raw = Annotated[bool, BeforeValidator(_raw_flag)]
-Text = Annotated[str, AfterValidator(_check_max_length)]      # a string of at most max_length characters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,29 +176,11 @@ def _rest(exc: InvalidRequestError) -> str:
 # --------------------------------------------------------------------------------------------------
 # Workers AI: the two oneOf branches of the gemma-7b-it-lora input schema
 
-MAX_STOP_STRINGS = 16
 MAX_MESSAGES = 1024          # turns in one request, on both APIs (neither publishes a limit; a bound must exist)
 
 
-def _stop_strings(value: Any, info: ValidationInfo) -> tuple[str, ...]:
-    # A string or an array of strings, each non-empty; the engine ends the output before the first match.
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise PydanticCustomError("stop", "must be a non-empty string or an array of non-empty strings")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise PydanticCustomError("stop", f"must have at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
-    for s in stops:
-        _check_max_length(s, info)
-    return tuple(stops)
-
-
-class _RunOptions(BaseModel):
-    model_config = _STRICT
-    rejectIfBusy: bool = False            # noqa: N815  (Workers AI's own spelling)
-
-
 class _RunMessage(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     role: str
     content: Text | None = None           # maxLength max_length (the seed schema's 4096); only an assistant
                                           # turn that made tool calls may leave it out (checked after)
@@ -247,35 +193,14 @@ class _RunMessage(BaseModel):
         return role
 
 
-class _RunCommon(BaseModel):
-    # Optional fields default to None but their types exclude None: an explicit `null` is a type
-    # mismatch, as Workers AI's JSON-Schema validation has it. Ranges are SamplingParams' business.
-    model_config = _STRICT
-    raw: Raw = False
-    stream: bool = False
-    max_tokens: Int = DEFAULT_MAX_TOKENS
-    temperature: float = WORKERS_AI_TEMPERATURE
-    top_p: float = None
-    top_k: Int = None
-    seed: Int = None
-    repetition_penalty: float = None
-    frequency_penalty: float = None
-    presence_penalty: float = None
-    # Accepted on both branches: the published schemas list `lora` on the prompt branch only, but
-    # Cloudflare's LoRA docs send messages + lora and Workers AI serves them (spec §2.2).
-    lora: str = Field(None, min_length=1)
-    lora_scale: float = 1.0               # our extension: 0 is the base model, 1 the adapter as trained
-    stop: Annotated[Any, AfterValidator(_stop_strings)] = ()
-    options: _RunOptions = None
+class _RunBase(BaseModel):
+    model_config = STRICT
 
 
-# Fields of newer Workers AI text-generation schemas that change what the model must produce and that
-# gemlora does not implement: refused (5006 naming the field), never accepted and ignored.
-_RUN_UNSUPPORTED = (
-    ("functions", lambda v: v == [], "are Workers AI's embedded functions: code that runs inside Cloudflare's "
-                                     "Workers runtime, which this server does not have; declare them as "
-                                     "'tools' and run them yourself"),
-)
+# The typed options (gemlora.api.fields). `lora` is accepted on both branches: the published schemas list
+# it on the prompt branch only, but Cloudflare's LoRA docs send messages + lora and Workers AI serves them
+# (spec §2.2). Ranges are SamplingParams' business.
+_RunCommon = options_model(RUN, _RunBase)
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")      # read by gemlora.api.tools, on both dialects
 
 
@@ -289,8 +214,7 @@ class _RunMessages(_RunCommon):
     messages: list[_RunMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
-_RUN_FIELDS = (set(_RunPrompt.model_fields) | set(_RunMessages.model_fields)
-               | {name for name, _, _ in _RUN_UNSUPPORTED} | {"response_format", "guided_json"} | set(TOOL_FIELDS))
+_RUN_FIELDS = names(RUN) | {"prompt", "messages"}
 
 
 def output_format(data: dict) -> OutputFormat | None:
@@ -334,19 +258,17 @@ def parse_run_body(body: bytes, *, max_length: int | None = 4096) -> GenerateReq
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise bad_input(_workers_ai_text(err), _pointer(err["loc"])) from None
-    for name, ok, why in _RUN_UNSUPPORTED:
-        if name in data and not ok(data[name]):
-            raise bad_input(f"'/{name}' {why}", f"/{name}")
+    for f in refused(RUN):
+        if f.name in data and not f.accepts(data[f.name]):
+            raise bad_input(f"'/{f.name}' {f.why}", f"/{f.name}")
     try:
         fmt = output_format(data)
     except OutputFormatError as exc:
         raise bad_input(f"'/{exc.field}' {exc}", f"/{exc.field}") from None
 
-    fields = ("top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty")
-    options = {"max_tokens": run.max_tokens, "temperature": run.temperature, "stop": run.stop}
-    options.update({name: getattr(run, name) for name in fields if getattr(run, name) is not None})
+    options = {name: getattr(run, name) for name in SAMPLING if getattr(run, name) is not None}
     try:
-        params = SamplingParams(**options)
+        params = SamplingParams(stop=run.stop, **options)
         lora_scale = check_lora_scale(run.lora_scale)
     except InvalidRequestError as exc:
         value = run.lora_scale if exc.field == "lora_scale" else options.get(exc.field)
