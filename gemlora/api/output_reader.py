@@ -33,7 +33,7 @@ class OutputReader:
 
     def stream(self, req: GenerateRequest) -> ToolStream | None:
         """What splits a streamed output into text now and calls at the end (None: no calls possible)."""
-        return ToolStream(req.tools) if _calls_possible(req) else None
+        return ToolStream(req.tools, self.tool_format.call_opens) if _calls_possible(req) else None
 
     def finish_stream(self, req: GenerateRequest, tools: ToolStream, finish_reason) -> tuple[str, list[ToolCall]]:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import AsyncIterator
 
 from gemlora.api.errors import (ApiError, bad_input, budget_too_small, capacity_exceeded, context_window,
@@ -136,7 +137,10 @@ class TextGeneration:
             if needed is not None and needed > req.params.max_tokens:
                 raise budget_too_small(needed, fmt.field)
         # Salted by account: tenants never share cached prefixes (nor learn of each other's through timing)
-        gen = self.engine.generate(ids, req.params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account,
+        params = req.params
+        if req.tools is not None and self.tool_format.stop:     # the model must not write a tool's answer itself
+            params = replace(params, stop=tuple(dict.fromkeys(params.stop + self.tool_format.stop)))
+        gen = self.engine.generate(ids, params, lora=adapter_id, lora_scale=req.lora_scale, cache_salt=account,
                                    constraint=constraint)
         try:
             first = await gen.__anext__()

@@ -243,10 +243,12 @@ def workers_ai_calls(calls: list[ToolCall]) -> list[dict]:
 class ToolStream:
     """Splits a streamed output into text to send at once and calls to send when complete. With calls
     required the whole output is held; with `auto` the first visible character decides (a call starts
-    with '{' or '['; text, which the grammar lets start with neither, streams as it comes)."""
+    with one of the format's `opens`, '{' or '[' for gemma-json, '<' for FunctionGemma; text, which the
+    grammar lets start with none of them, streams as it comes)."""
 
-    def __init__(self, tools: ToolRequest):
+    def __init__(self, tools: ToolRequest, opens: str = "{["):
         self.tools = tools
+        self.opens = opens
         self.held: list[str] | None = [] if tools.choice in ("required", "named") else None
         self._decided = tools.choice != "auto"
         self._pending = ""                 # leading whitespace, before the output shows what it is
@@ -258,7 +260,7 @@ class ToolStream:
                 self._pending += text
                 return ""
             self._decided, text, self._pending = True, self._pending + text, ""
-            if start[0] in "{[":
+            if start[0] in self.opens:
                 self.held = []
         if self.held is not None:
             self.held.append(text)

@@ -7,7 +7,8 @@ and arrays), fed the bytes of each accepted token. And `plan(matcher, scan)`: wa
 greedy path through the matcher (consume, then roll back) that takes, at each point, the tokens the
 grammar forces, else the first token the grammar allows from a short list of closers fit for the
 place (`"` in a string; `}` / `]` / `,` after a value; `0`, `""`, `[]`, `{}` for a value; `}` before
-an optional key), else the longest allowed token that opens nothing (a member of an enum, a digit a
+an optional key; before them, FunctionGemma's <escape> and <end_function_call> tokens where the
+tokenizer has them, which end its strings and calls), else the longest allowed token that opens nothing (a member of an enum, a digit a
 pattern needs). The path ends where the grammar accepts; its length is the number of tokens the
 output still needs at the least, as far as the greedy choice finds (JSON's shortest completion is
 greedy at every place but one: a value whose shortest form the list does not try first; the length
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import llguidance
 import llguidance.torch
 import torch
+
+from gemlora.text.tool_format import END_CALL, ESCAPE
 
 PLAN_LIMIT = 256          # tokens a plan may take; past it the output cannot be steered (said, not hidden)
 
@@ -128,6 +131,9 @@ class JsonCloser:
                             for place, texts in _CANDIDATES.items()}
         self._fillers = {place: self._ids(texts) for place, texts in _FILLERS.items()}
         self._enders = {place: self._ids(texts) for place, texts in _ENDERS.items()}
+        # FunctionGemma's closers, where the tokenizer has them as its own tokens: its strings end with
+        # <escape> (which JSON's scan does not know as a quote) and its calls with <end_function_call>
+        self._closers = [t for t in self._ids((ESCAPE, END_CALL)) if tokenizer.is_special_token(t)]
         self._bytes_cache: dict[int, bytes] = {}
         self._fallback_rank: torch.Tensor | None = None     # per token: its length in bytes, -1 if it opens
 
@@ -168,6 +174,9 @@ class JsonCloser:
                 matcher.rollback(len(taken))
 
     def _next(self, matcher: llguidance.LLMatcher, scan: JsonScan, taken: list[int]) -> int | None:
+        for token in self._closers:
+            if matcher.validate_tokens([token]) == 1:
+                return token
         for token in self._candidates[scan.where]:
             if matcher.validate_tokens([token]) == 1:
                 return token

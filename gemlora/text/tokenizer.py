@@ -15,6 +15,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from gemlora.text.tool_format import CONTROL_TOKENS
+
 # Gemma's chat markup ends a turn with this; instruction-tuned models stop on it, not on <eos>.
 END_OF_TURN = "<end_of_turn>"
 
@@ -38,6 +40,8 @@ class Tokenizer:
         self.bos_id: int | None = backend.token_to_id(bos_token)
         self.eos_id: int | None = backend.token_to_id(eos_token)
         self.add_bos_token = add_bos_token and self.bos_id is not None
+        # FunctionGemma's control tokens are special, but they are the text of its calls: decoding keeps them
+        self._kept = frozenset(i for i in map(backend.token_to_id, CONTROL_TOKENS) if i is not None)
         stops = {self.eos_id, backend.token_to_id(END_OF_TURN)}
         self.stop_token_ids: frozenset[int] = frozenset(i for i in stops if i is not None)
 
@@ -79,7 +83,17 @@ class Tokenizer:
         return max(1, max(len(t) for t in self._tk.get_vocab(with_added_tokens=True)))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if not (skip_special_tokens and self._kept and self._kept.intersection(ids)):
+            return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        out, run = [], []                    # the other special tokens skipped, the kept ones written
+        for i in ids:
+            if i in self._kept:
+                out += [self._tk.decode(run, skip_special_tokens=True), self._tk.id_to_token(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._tk.decode(run, skip_special_tokens=True)
 
     def token_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)

@@ -57,6 +57,7 @@ _FENCE = re.compile(r"^```(?:json|tool_code)?\s*\n?(.*?)\n?```$", re.S)
 class GemmaJsonFormat:
     name = "gemma-json"
     stop: tuple[str, ...] = ()
+    call_opens = "{["                     # the characters a call (or several) can begin with
 
     def declarations(self, tools: Sequence[ToolSpec]) -> str:
         listed = [{"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in tools]
@@ -113,6 +114,7 @@ ESCAPE = "<escape>"
 START_CALL, END_CALL = "<start_function_call>", "<end_function_call>"
 START_DECL, END_DECL = "<start_function_declaration>", "<end_function_declaration>"
 START_RESP, END_RESP = "<start_function_response>", "<end_function_response>"
+CONTROL_TOKENS = (START_DECL, END_DECL, START_CALL, END_CALL, START_RESP, END_RESP, ESCAPE)   # text to read back
 FUNCTIONGEMMA_INSTRUCTION = "You are a model that can do function calling with the following functions"
 _CALL = re.compile(re.escape(START_CALL) + r"call:([^{]*)(\{.*?\})" + re.escape(END_CALL), re.S)
 
@@ -120,6 +122,7 @@ _CALL = re.compile(re.escape(START_CALL) + r"call:([^{]*)(\{.*?\})" + re.escape(
 class FunctionGemmaFormat:
     name = "functiongemma"
     stop: tuple[str, ...] = (START_RESP,)
+    call_opens = "<"
 
     def declarations(self, tools: Sequence[ToolSpec]) -> str:
         return FUNCTIONGEMMA_INSTRUCTION + "".join(
