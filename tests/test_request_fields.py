@@ -21,7 +21,7 @@ from gemlora.api.errors import ApiError
 from gemlora.api.openai_schemas import parse_chat_completion, parse_completion
 from gemlora.api.schemas import parse_run_body
 from gemlora.sampling import RANGES, SamplingParams
-from tests.test_openapi import MODEL, document, validator
+from test_openapi import MODEL, document, validator
 
 _SCHEMA = {fields.RUN: "RunRequest", fields.CHAT: "ChatCompletionRequest", fields.COMPLETION: "CompletionRequest"}
 _BASE = {fields.RUN: {"messages": [{"role": "user", "content": "hi"}]},
