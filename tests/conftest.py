@@ -4,6 +4,7 @@ own load of the same GGUF as the reference)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -159,6 +160,24 @@ def start_uvicorn(app):
         thread.join(10)
 
     return f"http://127.0.0.1:{srv.config.port}", stop
+
+
+@contextlib.contextmanager
+def serve_engine(model, tok, config, data_dir, model_names=("@cf/google/gemma-7b-it-lora",), tokens=None):
+    """A gemlora server over `model` (with tokenizer `tok` and EngineConfig `config`) on a loopback port:
+    yields its base URL; stops the server and the engine after. `tokens`: {token: account}."""
+    from gemlora.api.app import ServerSettings, create_app
+    from gemlora.api.auth import Auth
+    from gemlora.engine.async_engine import AsyncEngine
+    from gemlora.engine.engine import LLMEngine
+    engine = AsyncEngine(LLMEngine(model, config, tok.stop_token_ids), tok).start()
+    settings = ServerSettings(model_names=tuple(model_names), data_dir=data_dir)
+    base, stop = start_uvicorn(create_app(engine, settings, Auth(tokens or {"tok": "acct"})))
+    try:
+        yield base
+    finally:
+        stop()
+        engine.shutdown()
 
 
 @pytest.fixture

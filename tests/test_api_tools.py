@@ -11,9 +11,8 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import start_uvicorn
+from conftest import serve_engine
 from gemlora.config import EngineConfig
-from gemlora.engine.engine import LLMEngine
 from gemlora.text.tokenizer import Tokenizer
 
 MODEL = "@cf/google/gemma-7b-it-lora"
@@ -27,17 +26,10 @@ QUESTIONS = ["What's the weather like in Lisbon?", "Convert 120 dollars to euros
 
 @pytest.fixture(scope="module")
 def server(real_model, converted, tmp_path_factory):
-    from gemlora.api.app import ServerSettings, create_app
-    from gemlora.api.auth import Auth
-    from gemlora.engine.async_engine import AsyncEngine
-    tok = Tokenizer.from_dir(converted)
-    engine = AsyncEngine(LLMEngine(real_model, EngineConfig(kv_cache_memory_gb=1.0, max_num_seqs=32, max_loras=2),
-                                   tok.stop_token_ids), tok).start()
-    settings = ServerSettings(model_names=(MODEL,), data_dir=tmp_path_factory.mktemp("tools-data"))
-    base, stop = start_uvicorn(create_app(engine, settings, Auth({"tok": "acct"})))
-    yield base
-    stop()
-    engine.shutdown()
+    config = EngineConfig(kv_cache_memory_gb=1.0, max_num_seqs=32, max_loras=2)
+    with serve_engine(real_model, Tokenizer.from_dir(converted), config, tmp_path_factory.mktemp("tools-data"),
+                      (MODEL,)) as base:
+        yield base
 
 
 def _openai_tools(names):

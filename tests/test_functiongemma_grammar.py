@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import jsonschema
-import llguidance
 import pytest
 import torch
 
@@ -190,26 +189,17 @@ AUTH = {"authorization": "Bearer tok"}
 def fg_server(fg_dir, tmp_path_factory):
     import shutil
 
-    from conftest import make_tiny_checkpoint, start_uvicorn
-    from gemlora.api.app import ServerSettings, create_app
-    from gemlora.api.auth import Auth
+    from conftest import make_tiny_checkpoint, serve_engine
     from gemlora.config import EngineConfig
-    from gemlora.engine.async_engine import AsyncEngine
-    from gemlora.engine.engine import LLMEngine
     from gemlora.model.loader import load_model
     from gemlora.text.tokenizer import Tokenizer
     path = tmp_path_factory.mktemp("tiny-functiongemma")
     make_tiny_checkpoint("gemma3", path, vocab_size=VOCAB, max_position_embeddings=4096)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(fg_dir / name, path / name)
-    tok = Tokenizer.from_dir(path)
-    engine = AsyncEngine(LLMEngine(load_model(path, torch.float32), EngineConfig(kv_cache_memory_gb=0.25),
-                                   tok.stop_token_ids), tok).start()
-    settings = ServerSettings(model_names=(MODEL,), data_dir=tmp_path_factory.mktemp("fg-data"))
-    base, stop = start_uvicorn(create_app(engine, settings, Auth({"tok": "acct"})))
-    yield base
-    stop()
-    engine.shutdown()
+    with serve_engine(load_model(path, torch.float32), Tokenizer.from_dir(path), EngineConfig(kv_cache_memory_gb=0.25),
+                      tmp_path_factory.mktemp("fg-data"), (MODEL,)) as base:
+        yield base
 
 
 def _events(text: str) -> list[dict]:

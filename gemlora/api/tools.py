@@ -246,7 +246,7 @@ class ToolStream:
     with one of the format's `opens`, '{' or '[' for gemma-json, '<' for FunctionGemma; text, which the
     grammar lets start with none of them, streams as it comes)."""
 
-    def __init__(self, tools: ToolRequest, opens: str = "{["):
+    def __init__(self, tools: ToolRequest, opens: str):
         self.tools = tools
         self.opens = opens
         self.held: list[str] | None = [] if tools.choice in ("required", "named") else None

@@ -141,9 +141,11 @@ def _object(rules: _Rules, schema: dict) -> str:
     if required - set(props):
         rules.refuse(f"the required member {sorted(required - set(props))[0]!r} with no schema in properties")
     if not props:
-        return _any_object(rules)
-    members = [(name, f'"{name}:" {_value(rules, sub)}', name in required) for name, sub in props.items()
-               if _key_ok(rules, name)]
+        _any(rules)
+        return "any_object"
+    for name in props:
+        _check_key(rules, name)
+    members = [(name, f'"{name}:" {_value(rules, sub)}', name in required) for name, sub in props.items()]
     # after[k][first]: the members from the k-th on, `first` when none has been written yet
     after = {len(members): {True: None, False: None}}
     for k in range(len(members) - 1, -1, -1):
@@ -160,10 +162,9 @@ def _object(rules: _Rules, schema: dict) -> str:
     return rules.add(f'"{{" {after[0][True]} "}}"')
 
 
-def _key_ok(rules: _Rules, name: str) -> bool:
+def _check_key(rules: _Rules, name: str) -> None:
     if not name or any(c in name for c in ':{},[]"\\') or ESCAPE in name or not name.isprintable():
         rules.refuse(f"the member name {name!r}")
-    return True
 
 
 def _array(rules: _Rules, schema: dict) -> str:
@@ -188,17 +189,12 @@ def _any(rules: _Rules) -> str:
     """Any value (defined once per grammar)."""
     if not rules._any:
         rules._any = True
-        string = f"{ESCAPE} " + rules.add(f"/(?s:.*)/ & {_NO_ESCAPE}", token=True) + f" {ESCAPE}"
+        string = _string(rules, {"type": "string"})
         scalar = '%json {"type":["number","boolean","null"]}'
         rules.lines.append(f'any_value: {string} | {scalar} | any_object | "[" (any_value ("," any_value)*)? "]"')
-        rules.lines.append(f'any_object: "{{" (ANY_KEY ":" any_value ("," ANY_KEY ":" any_value)*)? "}}"')
+        rules.lines.append('any_object: "{" (ANY_KEY ":" any_value ("," ANY_KEY ":" any_value)*)? "}"')
         rules.lines.append(r'ANY_KEY: /[^:{},\[\]"\\<\s][^:{},\[\]"\\<]*/')
     return "any_value"
-
-
-def _any_object(rules: _Rules) -> str:
-    _any(rules)
-    return "any_object"
 
 
 def calls_rules(tools, parallel: bool) -> list[str]:

@@ -21,7 +21,7 @@ import llguidance
 import llguidance.torch
 import torch
 
-from gemlora.structured.json_closer import PLAN_LIMIT, JsonCloser, JsonScan
+from gemlora.structured.json_closer import JsonCloser, JsonScan
 
 _executor: llguidance.LLExecutor | None = None
 STEER_MARGIN = 64    # tokens one token would have to add to the shortest completion to escape the check

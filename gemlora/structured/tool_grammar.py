@@ -18,10 +18,6 @@ from gemlora.structured.json_grammars import JSON_STYLE
 from gemlora.structured.output_format import MAX_SCHEMA_BYTES, OutputFormat, OutputFormatError, canonical
 from gemlora.text.tool_format import GemmaJsonFormat
 
-# an answer in words: anything that does not begin like a call (or with a space), per tool format
-TEXT = {"gemma-json": r"/[^{\[\s][\s\S]*/", "functiongemma": r"/[^<\s][\s\S]*/"}
-
-
 def tool_output_format(fmt, tools, choice: str, parallel: bool, answer: OutputFormat | None) -> OutputFormat | None:
     """The format of an output offered `tools` (ToolSpecs) under `choice` ("none", "auto", "required",
     "named" with the one tool), beside the request's own `answer` format (JSON mode / a schema) if any.
@@ -39,7 +35,7 @@ def tool_output_format(fmt, tools, choice: str, parallel: bool, answer: OutputFo
     if choice != "auto":
         lark = ["start: calls", *calls]
     elif answer is None:
-        lark = ["start: calls | TEXT", *calls, "TEXT: " + TEXT[fmt.name]]
+        lark = ["start: calls | TEXT", *calls, "TEXT: " + text_regex(fmt.call_opens)]
     else:
         schema = {"type": "object"} if answer.json_object else json.loads(answer.schema)
         lark = ["start: calls | answer", *calls, "answer: %json " + _styled(schema)]
@@ -47,6 +43,13 @@ def tool_output_format(fmt, tools, choice: str, parallel: bool, answer: OutputFo
     if len(grammar.encode()) > 2 * MAX_SCHEMA_BYTES:
         raise OutputFormatError(f"the tools' schemas are larger than {MAX_SCHEMA_BYTES} bytes together", "tools")
     return OutputFormat(None, "tools", lark=grammar)
+
+
+def text_regex(call_opens: str) -> str:
+    """An answer in words: text that begins with none of the characters a call can begin with, nor a space
+    (so the first visible character tells text from a call, as ToolStream reads it)."""
+    opens = "".join("\\" + c if c in "[]\\^-" else c for c in call_opens)
+    return "/[^" + opens + "\\s][\\s\\S]*/"
 
 
 def _styled(schema: dict) -> str:
