@@ -237,3 +237,24 @@ def test_served_calls_are_valid_on_both_apis_streamed_and_not(fg_server):
                 jsonschema.validate(arguments, by_name[name]["parameters"])
                 seen += 1
     assert seen >= 8
+
+
+def test_a_served_round_trip_in_functiongemmas_layout(fg_server):
+    """A history with the model's call and the tool's result goes on in the same model turn (200), and a call no
+    result answers is refused naming the messages (400), on the OpenAI route."""
+    import httpx
+    weather = next(t for t in TOOLS if t["name"] == "get_weather")
+    call = {"id": "call_a", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Lisbon"})}}
+    history = [{"role": "user", "content": "Weather in Lisbon?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_a", "content": '{"celsius": 21}'}]
+    body = {"model": MODEL, "tools": [{"type": "function", "function": weather}], "max_tokens": 8,
+            "temperature": 0}
+    with httpx.Client(timeout=120) as client:
+        r = client.post(f"{fg_server}/v1/chat/completions", headers=AUTH, json={**body, "messages": history})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+        r = client.post(f"{fg_server}/v1/chat/completions", headers=AUTH,
+                        json={**body, "messages": [*history[:2], {"role": "user", "content": "and?"}]})
+        assert r.status_code == 400 and "followed by its result" in r.json()["error"]["message"], r.text

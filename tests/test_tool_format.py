@@ -48,6 +48,35 @@ def test_functiongemma_call_and_response_are_the_published_ones():
     assert fmt.parse(paris)[1] == [ToolCall("get_current_temperature", {"location": "Paris", "unit": "celsius"})]
 
 
+def test_functiongemma_conversation_layout_is_its_chat_templates():
+    """FunctionGemma's chat template: declarations in a developer turn; a calling model turn stays open for the
+    results, and the model goes on in that same turn (no generation prompt after results)."""
+    from gemlora.text.tool_prompt import tool_prompt
+    fmt = FunctionGemmaFormat()
+    call = ToolCall("get_current_weather", {"location": "Tokyo, JP"}, "call_1")
+    decl = fmt.declaration_tokens([WEATHER])
+    ask = [{"role": "user", "content": "Weather in Tokyo?"}]
+    assert tool_prompt(ask, [WEATHER], fmt) == (
+        "<start_of_turn>developer\nYou are a model that can do function calling with the following functions"
+        + decl + "<end_of_turn>\n<start_of_turn>user\nWeather in Tokyo?<end_of_turn>\n<start_of_turn>model\n")
+    answered = [{"role": "system", "content": " Be brief. "}, *ask,
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 15}'}]
+    assert tool_prompt(answered, [WEATHER], fmt) == (
+        "<start_of_turn>developer\nBe brief.\n\n" + decl + "<end_of_turn>\n"
+        "<start_of_turn>user\nWeather in Tokyo?<end_of_turn>\n<start_of_turn>model\n"
+        "<start_function_call>call:get_current_weather{location:<escape>Tokyo, JP<escape>}<end_function_call>"
+        "<start_function_response>response:get_current_weather{temperature:15}<end_function_response>")
+    later = [*answered, {"role": "assistant", "content": "15 degrees."}, {"role": "user", "content": "Thanks"}]
+    assert tool_prompt(later, [WEATHER], fmt, declare=False).endswith(
+        "<end_function_response>15 degrees.<end_of_turn>\n<start_of_turn>user\nThanks<end_of_turn>\n"
+        "<start_of_turn>model\n")
+    assert tool_prompt(later, [WEATHER], fmt, declare=False).startswith("<start_of_turn>developer\nBe brief.<end")
+    for unanswered in (answered[:-1], [*answered[:-1], {"role": "user", "content": "and?"}]):
+        with pytest.raises(ValueError, match="followed by its result"):
+            tool_prompt(unanswered, [WEATHER], fmt)
+
+
 def test_functiongemma_parallel_calls_and_text_around_them():
     fmt = FunctionGemmaFormat()
     text = ("Sure.<start_function_call>call:get_weather{city:<escape>Tokyo<escape>}<end_function_call>"

@@ -27,7 +27,7 @@ from gemlora.structured.json_grammars import JsonGrammars
 from gemlora.structured.output_format import OutputFormatError
 from gemlora.structured.tool_grammar import tool_output_format
 from gemlora.text.chat import format_chat, format_prompt
-from gemlora.text.tool_prompt import tool_messages
+from gemlora.text.tool_prompt import tool_prompt
 
 log = logging.getLogger("gemlora.api")
 
@@ -84,7 +84,7 @@ class TextGeneration:
             elif req.tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in req.messages):
                 tools = req.tools.tools if req.tools is not None else ()
                 declare = req.tools is not None and req.tools.choice != "none"
-                text = format_chat(tool_messages(req.messages, tools, self.tool_format, declare))
+                text = tool_prompt(req.messages, tools, self.tool_format, declare)
             else:
                 text = format_chat(req.messages)
         except ValueError as exc:      # ToolFormatError too: a history value the format cannot write

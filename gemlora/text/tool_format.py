@@ -125,10 +125,14 @@ class FunctionGemmaFormat:
     call_opens = "<"
 
     def declarations(self, tools: Sequence[ToolSpec]) -> str:
-        return FUNCTIONGEMMA_INSTRUCTION + "".join(
-            f"{START_DECL}declaration:{t.name}"
-            + write_value(_schema_types_upper({"description": t.description, "parameters": dict(t.parameters)}),
-                          sort_keys=True) + END_DECL for t in tools)
+        return FUNCTIONGEMMA_INSTRUCTION + self.declaration_tokens(tools)
+
+    def declaration_tokens(self, tools: Sequence[ToolSpec]) -> str:
+        """The declarations alone, without the instruction (which a developer message replaces)."""
+        return "".join(f"{START_DECL}declaration:{t.name}"
+                       + write_value(_schema_types_upper({"description": t.description,
+                                                          "parameters": dict(t.parameters)}), sort_keys=True)
+                       + END_DECL for t in tools)
 
     def call(self, calls: Sequence[ToolCall]) -> str:
         return "".join(f"{START_CALL}call:{c.name}{write_value(dict(c.arguments))}{END_CALL}" for c in calls)
