@@ -158,6 +158,10 @@ def serve(
     dtype: str = typer.Option("auto", envvar=_env("dtype")), device: str = typer.Option("auto", envvar=_env("device")),
     quantization: str = typer.Option("auto", help=QUANT_HELP, envvar=_env("quantization")),
     kv_cache_dtype: str = typer.Option("auto", help=KV_DTYPE_HELP, envvar=_env("kv_cache_dtype")),
+    screen_lm_head: bool = typer.Option(True, "--screen-lm-head/--no-screen-lm-head",
+                                        help="Greedy and top-k (<= 64) steps read a 4-bit copy of the LM head and "
+                                             "rescore its top 64 tokens exactly (CPU; same greedy tokens, 1.7x "
+                                             "fewer bytes per step on Gemma 3 270M)", envvar=_env("screen_lm_head")),
     log_level: str = typer.Option("info", envvar=_env("log_level")),
     replicas: int = typer.Option(1, min=1, help="Engine replicas; more than 1 runs a Ray Serve application "
                                                 "(pip install -e '.[ray]')", envvar=_env("replicas")),
@@ -195,7 +199,8 @@ def serve(
                               max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                              attention_workspace_gb=attention_workspace_gb, enable_prefix_caching=prefix_caching)
+                              attention_workspace_gb=attention_workspace_gb, enable_prefix_caching=prefix_caching,
+                              screen_lm_head=screen_lm_head)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem

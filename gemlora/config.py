@@ -33,6 +33,7 @@ class EngineConfig:
     adapter_dirs: tuple[str, ...] = ()    # folders whose subfolders are adapters, registered by folder name
     adapter_aging_steps: int = 32         # steps a request waits for an adapter slot before others are held back
     stall_timeout_s: float = 300.0        # a step running longer than this makes the engine unhealthy
+    screen_lm_head: bool = True           # greedy / small top-k steps read a 4-bit screen of the LM head (CPU)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -110,3 +110,9 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    def decided_by_top(self, n: int) -> bool:
+        """Does the token drawn depend on the logits of the `n` most likely tokens alone? (greedy or
+        top_k <= n, with no penalties and no logprobs to report)"""
+        top = self.greedy or (self.top_k is not None and self.top_k <= n)
+        return top and not self.has_penalties and self.logprobs is None

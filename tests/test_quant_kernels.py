@@ -80,6 +80,20 @@ def test_every_format_on_an_odd_shape(fmt):
     assert torch.equal(packed.take_rows(rows), qt.dequantize()[rows])       # embedding lookups: exact
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f[0]}bit-g{f[1]}-{str(f[2])[-7:]}-bias{int(f[3])}")
+@pytest.mark.parametrize("acts", K.ACTIVATIONS)
+def test_chosen_entries_are_the_references_own(fmt, acts):
+    """matmul_rows (what the screened LM head rescores with) equals reference_matmul's entries."""
+    qt = random_quantized(37, 96, *fmt, seed=2)
+    packed = K.pack(qt)
+    x = activations(3, 96, seed=5)
+    ids = torch.tensor([[0, 36, 17, 17], [16, 15, 3, 0], [36, 35, 1, 2]])
+    want = K.reference_matmul(x, qt, acts).gather(1, ids)
+    torch.testing.assert_close(packed.matmul_rows(x, ids, acts).double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        packed.matmul_rows(x, torch.full((3, 1), 37), acts)
+
+
 def test_a_full_width_lm_head():
     k, n = SHAPES["gemma3-270m"][4]
     qt = random_quantized(n, k, 4, 32, torch.float16, False, 8, seed=3)

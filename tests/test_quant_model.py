@@ -49,13 +49,18 @@ glucose, releasing oxygen as a by-product."""
 @torch.inference_mode()
 def all_logits(model, ids):
     """Teacher-forced logits at every position, one prefill."""
+    return model.compute_logits(teacher_forced_hidden(model, ids))
+
+
+@torch.inference_mode()
+def teacher_forced_hidden(model, ids):
+    """The final-normed hidden states at every position, one prefill."""
     T, bs = len(ids), 16
     blocks = -(-T // bs)
     kv = allocate_kv_cache(model.cfg, blocks, bs, model.dtype, "cpu")
     meta = AttentionMetadata.build([T], [T], [list(range(blocks))], bs, model.cfg.sliding_window,
                                    torch.device("cpu"))
-    hidden = model(torch.tensor(ids), torch.arange(T), StepContext(meta, kv, None))
-    return model.compute_logits(hidden)
+    return model(torch.tensor(ids), torch.arange(T), StepContext(meta, kv, None))
 
 
 @pytest.mark.slow

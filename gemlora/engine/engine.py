@@ -68,7 +68,9 @@ class LLMEngine:
         if config.max_loras:
             slots = LoRASlots(model.lora_targets(), config.max_loras, config.max_lora_rank, model.dtype, model.device)
         self.lora_slots = slots
-        self.runner = ModelRunner(model, kv, config.block_size, slots, workspace_bytes=config.attention_workspace_bytes)
+        screen = config.screen_lm_head and model.screen_lm_head() is not None
+        self.runner = ModelRunner(model, kv, config.block_size, slots, workspace_bytes=config.attention_workspace_bytes,
+                                  screen_lm_head=screen)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.adapter_aging_steps)
         self.stop_token_ids = stop_token_ids

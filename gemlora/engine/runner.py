@@ -4,7 +4,8 @@ Owns the model, the KV cache tensors, the adapter slots and the device. From eac
 only token ids, how many are cached, how many are new, its block table, and its adapter (id,
 weights, scale), which it makes resident in a slot before the forward pass; it returns the logits
 of the rows that sample this step (the last position of each request whose known tokens are all
-computed), so a prefill never pays for the LM head at positions nobody samples.
+computed), so a prefill never pays for the LM head at positions nobody samples. Whether those rows
+may read the screened LM head it decides from each one's sampling parameters and grammar.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from gemlora.model.gemma import GemmaForCausalLM, StepContext
 
 class ModelRunner:
     def __init__(self, model: GemmaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, lora_slots: LoRASlots | None = None, *, workspace_bytes: int | None = None):
+                 block_size: int, lora_slots: LoRASlots | None = None, *, workspace_bytes: int | None = None,
+                 screen_lm_head: bool = False):
         self.model = model
+        self.screen_lm_head = screen_lm_head     # steps whose rows allow it read the screened LM head
         self.workspace_bytes = 256 * 2**20 if workspace_bytes is None else workspace_bytes  # attention temporaries
         self.attention_shape = AttentionShape.of(model.cfg, model.dtype)
         self.lora_slots = lora_slots
@@ -61,4 +64,12 @@ class ModelRunner:
         hidden = self.model(to(ids), to(positions), StepContext(meta, self.kv_caches, lora))
         if not sample_rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), []
-        return self.model.compute_logits(hidden[to(last_token)]), sample_rows
+        return self.model.compute_logits(hidden[to(last_token)], self._screened(batch, sample_rows)), sample_rows
+
+    def _screened(self, batch: ScheduledBatch, rows: list[int]) -> bool:
+        """May these rows' logits come from the screened LM head? Only if each row's token is decided by its
+        top tokens alone (gemlora.quant.screened_head): no grammar mask, no full-vocabulary draw."""
+        head = self.model.screened_head
+        return self.screen_lm_head and head is not None and all(
+            batch.requests[i].constraint is None and batch.requests[i].params.decided_by_top(head.candidates)
+            for i in rows)

@@ -73,6 +73,12 @@ class CPUPacked:
         return extension().qmatmul(x, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
                                    self.group, self.offset, activations, isa)
 
+    def matmul_rows(self, x: torch.Tensor, ids: torch.Tensor, activations: str = "int8x2") -> torch.Tensor:
+        """y[m, j] = (x @ W^T)[m, ids[m, j]] for x [M, cols], ids [M, C]: computed as reference_matmul
+        does (float64 sums), so equal to `matmul`'s entries to float32 rounding."""
+        return extension().qmatmul_rows(x, ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
+                                        self.group, self.offset, activations)
+
     def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return extension().dequantize_rows(ids, self.codes, self.scales, self.bias, self.rows, self.cols, self.bits,
                                            self.group, self.offset)

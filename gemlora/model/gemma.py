@@ -23,6 +23,7 @@ from gemlora.kernels.decode_stack import DecodeStack, LayerWeights, StackShape
 from gemlora.model.attention import AttentionMetadata, paged_attention
 from gemlora.model.config import GemmaConfig
 from gemlora.model.layers import Linear, RMSNorm, Rotary, gelu_tanh, norm_and_rotate
+from gemlora.quant.screened_head import ScreenedHead
 
 if TYPE_CHECKING:
     from gemlora.lora.batch import LoRABatch
@@ -111,6 +112,7 @@ class GemmaForCausalLM(nn.Module):
         self._rotary: dict[bool, Rotary] = {}
         self.use_decode_stack = True    # decode-only steps in one C++ call where it applies (same bits)
         self._decode_stack: DecodeStack | None | bool = False   # False: not built yet; None: cannot be
+        self.screened_head: ScreenedHead | None = None   # set by screen_lm_head
         for name, module in self.layers.named_modules(prefix="layers"):
             if isinstance(module, Linear):
                 module.lora_key = name
@@ -191,15 +193,31 @@ class GemmaForCausalLM(nn.Module):
                            cfg.attn_logit_softcap, cfg.sandwich_norms)
         return DecodeStack(shape, layers)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] for the N positions that are sampled. Returns float32 [N, vocab]."""
+    def screen_lm_head(self) -> ScreenedHead | None:
+        """Builds (once) the 4-bit screen of the LM head (gemlora.quant.screened_head) where it runs
+        (on the CPU with the kernels) and pays (the head is read in 6 bits or more). None elsewhere."""
+        if self.screened_head is None and self.device.type == "cpu" and extension() is not None:
+            weight = self.lm_head.weight if self.lm_head.quantized is None else self.lm_head.quantized
+            if ScreenedHead.pays(weight, self.cfg.vocab_size, self.cfg.hidden_size):
+                self.screened_head = ScreenedHead.of(weight, self.cfg.vocab_size, self.cfg.hidden_size)
+        return self.screened_head
+
+    def compute_logits(self, hidden: torch.Tensor, screened: bool = False) -> torch.Tensor:
+        """hidden: [N, hidden] for the N positions that are sampled. Returns float32 [N, vocab].
+        `screened`: through the screened head, if built (exact at each row's top candidates only)."""
+        if screened and self.screened_head is not None:
+            logits = self.screened_head(hidden)
+        else:
+            logits = self._exact_logits(hidden)
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _exact_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.shape[0]
         if hidden.device.type == "cpu" and 1 < rows < _LM_HEAD_MIN_ROWS and self.lm_head.quantized is None:
             # MKL's fp32 GEMM against the [vocab, hidden] weight is slowest for 2-15 rows (8 rows
             # take 1.5x as long as 16): padding to 16 rows is cheaper than the small-M kernel.
             hidden = torch.cat([hidden, hidden.new_zeros(_LM_HEAD_MIN_ROWS - rows, hidden.shape[1])])
-        logits = self.lm_head(hidden)[:rows].float()
-        cap = self.cfg.final_logit_softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.lm_head(hidden)[:rows].float()

@@ -67,6 +67,17 @@ class QuantWeight:
             return None
         return list(zip(self._matrices, self.activations))
 
+    def matmul_rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Entries ids [M, C] of each row of x @ W^T (float32 [M, C]), as the reference computes them
+        (the activations quantized as __call__'s kernel quantizes them, float64 sums)."""
+        if len(self._matrices) != 1:
+            raise ValueError("row products need a single-part weight")
+        m, acts = self._matrices[0], self.activations[0]
+        if isinstance(m, kernels.CPUPacked):
+            return m.matmul_rows(x, ids, acts)
+        rows = self.take_rows(ids.reshape(-1), torch.float64).view(*ids.shape, -1)     # dequantize_matmul's
+        return torch.einsum("mch,mh->mc", rows, x.double()).float()
+
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W (an embedding lookup), dequantized to `dtype`."""
         if len(self._matrices) != 1:

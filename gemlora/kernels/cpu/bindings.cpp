@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "quantized x @ W^T", release());
   m.def("quantize_activations", &quantize_activations, "int8 or int16 activations in blocks of 32", pybind11::arg("x"),
         pybind11::arg("activations"), pybind11::arg("isa") = "auto", release());
+  m.def("qmatmul_rows", &qmatmul_rows, "chosen entries of a quantized x @ W^T, as the reference computes them",
+        release());
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed quantized matrix, as float32", release());
   m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("blocks"), pybind11::arg("mask"),
@@ -17,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_token_bitmask", &apply_token_bitmask, "a grammar's token bitmask applied to logits rows in place",
         pybind11::arg("logits"), pybind11::arg("mask"), pybind11::arg("rows"), pybind11::arg("isa") = "auto",
         release());
+  m.def("top_k_ids", &top_k_ids, "indices of each row's k largest values, unordered", release());
+  m.def("place_top", &place_top, "a row's top entries set, the rest kept below them (in place)", release());
   m.def("cpu_isa", &cpu_isa, "the best kernel path this CPU runs");
   bind_decode_stack(m);
 }

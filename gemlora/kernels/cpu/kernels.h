@@ -13,6 +13,10 @@ torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& packed, const
 torch::Tensor dequantize_rows(const torch::Tensor& ids, const torch::Tensor& packed, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits,
                               int64_t group, int64_t offset);
+// y[m, j] = W[ids[m, j]] . x[m], as the reference computes it (float64 sums of the dequantized operands)
+torch::Tensor qmatmul_rows(const torch::Tensor& x, const torch::Tensor& ids, const torch::Tensor& packed,
+                           const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias, int64_t n,
+                           int64_t k, int64_t bits, int64_t group, int64_t offset, const std::string& activations);
 std::string cpu_isa();
 
 // activations.cpp: the activation quantization alone, on one vector path (for the tests)
@@ -37,3 +41,8 @@ torch::Tensor norm_rope(const torch::Tensor& x, const c10::optional<torch::Tenso
 // token_mask.cpp: logits[rows[j], v] = -inf where bit v of mask row j (int32 words) is 0 (in place)
 void apply_token_bitmask(torch::Tensor& logits, const torch::Tensor& mask, const torch::Tensor& rows,
                          const std::string& isa);
+
+// top_k.cpp: the indices of the k largest values of each float32 row [M, N] -> int64 [M, k], unordered;
+// and those entries replaced by `values` [M, k], every other entry lowered below the row's least value
+torch::Tensor top_k_ids(const torch::Tensor& logits, int64_t k);
+void place_top(torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& values);

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -433,6 +434,21 @@ Weights make_weights(const torch::Tensor& packed, const torch::Tensor& scales, c
                  scales.dtype() == torch::kHalf, n, k, bits, group, offset};
 }
 
+// Row r of W dequantized to float32 into out[k], with the reference's rounding: fl(fl(q - offset) * s) + b
+void dequantize_row(const Weights& w, int64_t r, float* out) {
+  const int64_t kb = w.k / kBlock, G = w.groups(), t = r / kTile;
+  const int row = static_cast<int>(r % kTile);
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block();
+    for (int kk = 0; kk < kBlock; ++kk) {
+      const int64_t gi = (t * G + (b * kBlock + kk) / w.group) * kTile + row;
+      const float s = load_scalar(w.scales, w.half, gi);
+      const float bias_v = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
+      out[b * kBlock + kk] = static_cast<float>(code_at(w, blk, row, kk) - w.offset) * s + bias_v;
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales,
@@ -457,32 +473,59 @@ torch::Tensor qmatmul(const torch::Tensor& x_in, const torch::Tensor& packed, co
   return y;
 }
 
+// y[m, j] = W[ids[m, j]] . x[m] for a few rows per activation row, computed as the reference does:
+// the activations quantized as the kernels quantize them, the rows dequantized, the products summed in
+// float64 (so it equals qmatmul's entries to float rounding). What the screened LM head rescores with.
+torch::Tensor qmatmul_rows(const torch::Tensor& x_in, const torch::Tensor& ids_in, const torch::Tensor& packed,
+                           const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias, int64_t n,
+                           int64_t k, int64_t bits, int64_t group, int64_t offset, const std::string& activations) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == x_in.size(0), "ids must be [M, C]");
+  const Weights w = make_weights(packed, scales, bias, n, k, bits, group, offset);
+  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();
+  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
+  const int64_t M = x.size(0), C = ids.size(1), passes = int8_passes(activations), kb = k / kBlock;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M * C; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] < n, "row id ", idp[i], " out of range");
+  // the activations as the kernels multiply them, in float64: sum over passes of q * d
+  const auto qa = quantize(x, passes, best_isa());
+  std::vector<double> xq(M * k, 0.0);
+  const float* d = qa[1].data_ptr<float>();
+  for (int64_t p = 0; p < std::max<int64_t>(passes, 1); ++p)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t at = (p * M + m) * k + i;
+        const double q = passes ? qa[0].data_ptr<int8_t>()[at] : qa[0].data_ptr<int16_t>()[at];
+        xq[m * k + i] += q * static_cast<double>(d[(p * M + m) * kb + i / kBlock]);
+      }
+  torch::Tensor y = torch::empty({M, C}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M * C, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> wrow(k);
+    for (int64_t j = begin; j < end; ++j) {
+      dequantize_row(w, idp[j], wrow.data());
+      const double* xm = xq.data() + (j / C) * k;
+      double acc = 0.0;
+      for (int64_t i = 0; i < k; ++i) acc += static_cast<double>(wrow[i]) * xm[i];
+      yp[j] = static_cast<float>(acc);
+    }
+  });
+  return y;
+}
+
 // Rows `ids` of W, dequantized to float32: the embedding lookup of a quantized (tied) table.
 torch::Tensor dequantize_rows(const torch::Tensor& ids_in, const torch::Tensor& packed, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t bits,
                               int64_t group, int64_t offset) {
   const Weights w = make_weights(packed, scales, bias, n, k, bits, group, offset);
   const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
-  const int64_t T = ids.numel(), kb = k / kBlock, G = w.groups();
+  const int64_t T = ids.numel();
   const int64_t* idp = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < T; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] < n, "row id ", idp[i], " out of range [0, ", n, ")");
   torch::Tensor out = torch::empty({T, k}, torch::TensorOptions().dtype(torch::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = idp[i], t = r / kTile;
-      const int row = static_cast<int>(r % kTile);
-      for (int64_t b = 0; b < kb; ++b) {
-        const uint8_t* blk = w.codes + (t * kb + b) * w.tile_bytes_per_block();
-        for (int kk = 0; kk < kBlock; ++kk) {
-          const int64_t gi = (t * G + (b * kBlock + kk) / group) * kTile + row;
-          const float s = load_scalar(w.scales, w.half, gi);
-          const float bias_v = w.bias ? load_scalar(w.bias, w.half, gi) : 0.f;
-          // the reference's rounding: fl(fl(q - offset) * s) + b
-          o[i * k + b * kBlock + kk] = static_cast<float>(code_at(w, blk, row, kk) - offset) * s + bias_v;
-        }
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) dequantize_row(w, idp[i], o + i * k);
   });
   return out;
 }
