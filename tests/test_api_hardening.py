@@ -373,6 +373,7 @@ def test_a_restart_over_a_stored_hostile_config_comes_up_and_names_the_refusal(s
     (["--max-body-mb", "0"], "--max-body-mb", "finite number above 0"),
     (["--max-num-seqs", "0"], "--max-num-seqs", "greater than or equal to 1"),
     (["--max-model-len", "-1"], "--max-model-len", "greater than or equal to 1"),
+    (["--quant-activations", "int4"], "--quant-activations", "must be one of auto, int8, int8x2, int16"),
 ])
 def test_every_option_is_validated_at_start_naming_it(tiny_real_vocab, tmp_path, args, option, why):
     """Before: '' passed the loopback guard and bound every interface anonymously, port 70000 listened on
