@@ -172,6 +172,12 @@ def activation_error_bound(x: torch.Tensor, qt: QuantizedTensor, activations: st
     return (d.double() / 2 + 1e-7 * amax) @ per_block.T + 1e-5 * abs_product + 1e-30
 
 
+def rows_dot(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """rows [M, C, K] . x [M, K] -> float32 [M, C], summed in float64: a few chosen entries of a
+    matmul, scored the plain way (what `matmul_rows` does for a packed weight)."""
+    return torch.einsum("mck,mk->mc", rows.double(), x.double()).float()
+
+
 # ---- the generic path ---------------------------------------------------------------------------
 
 def dequantized_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:

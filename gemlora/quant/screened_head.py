@@ -1,22 +1,24 @@
 """ScreenedHead: the LM head read in 4 bits, with the exact logits of the tokens that can win.
 
 A decode step of a small Gemma reads its LM head more than anything else: the embedded 270M model's
-262k x 640 table is 178 MB in 8 bits, 72% of the bytes of a step, and it is tied to the embedding.
-This reads a 4-bit copy instead (round-to-nearest, groups of 32, min/max: 105 MB), its activations
-quantized in one int8 pass (half the integer work of int8x2), to screen the vocabulary: the
-`candidates` tokens with the highest coarse logits get their exact logits (the exact weight's rows,
-dequantized, against the activations quantized as the exact path's kernel quantizes them, in float64:
-the exact path's values to float rounding), every other token keeps its coarse logit. So the argmax
-is the exact path's whenever it is among the candidates: on the embedded model, teacher-forced over
-835 tokens of varied text, the 4-bit logits alone agree on 89.5% of next tokens, their top 8
-rescored on 100% (the coarse logits are off by 0.35 on average, 4.2 at most; the exact first token
-and the 64th are whole logits apart). The tail is only a floor: a sampler drawing from the whole
-vocabulary would see it off by the coarse error (total variation 1% at temperature 1), so only
-rows decided by their top tokens (greedy, top_k <= candidates) come here.
+262k x 640 table is 178 MB in 8 bits, 62% of the bytes a batch-1 step reads, and it is tied to the
+embedding. This reads a 4-bit copy instead (round-to-nearest, groups of 32, min/max: 105 MB), its
+activations quantized in one int8 pass (half the integer work of int8x2), to screen the vocabulary:
+the `candidates` tokens with the highest coarse logits get their exact logits (the exact weight's
+rows, dequantized, against the activations quantized as the exact path's kernel quantizes them, in
+float64: the exact path's values to float rounding), and every other token's coarse logit is lowered
+to just below the least of those. So the argmax is the exact path's whenever it is among the
+candidates: on the embedded model, teacher-forced over 835 tokens of varied text, the 4-bit logits
+alone agree on 89.5% of next tokens, their top 8 rescored on 100% (the coarse logits are off by 0.35
+on average, 4.2 at most; the exact first token and the 64th are whole logits apart). The tail is only
+a floor: a sampler drawing from the whole vocabulary would see it off by the coarse error (total
+variation 1% at temperature 1), so only rows decided by their top tokens (greedy, top_k <=
+candidates) come here.
 
 Rows whose token depends on more than their top tokens (a full-vocabulary draw, logprobs, penalties,
-grammar masks) are the caller's to send to the exact head; here every row given is screened. Built once from the exact weight, a chunk of rows at a time (no full dense transient).
-Knows quantized weights and the CPU kernels; nothing of requests or models.
+grammar masks) are the caller's to send to the exact head; here every row given is screened. Built
+once from the exact weight, a chunk of rows at a time (no full dense transient). Knows quantized
+weights and the CPU kernels; nothing of requests or models.
 """
 
 from __future__ import annotations
@@ -54,11 +56,8 @@ class ScreenedHead:
         """From the LM head's weight: a dense [vocab, hidden] tensor or a single-part QuantWeight."""
         if isinstance(weight, torch.Tensor):
             dense = weight.detach()
-
-            def dense_exact(x, ids):          # F.linear's products, summed in float64
-                rows = dense[ids.reshape(-1)].double().view(*ids.shape, hidden)
-                return torch.einsum("mch,mh->mc", rows, x.double()).float()
-            return cls(lambda ids: dense[ids].float(), dense_exact, vocab, hidden, candidates)
+            return cls(lambda ids: dense[ids].float(), lambda x, ids: kernels.rows_dot(dense[ids], x),
+                       vocab, hidden, candidates)
         return cls(lambda ids: weight.take_rows(ids, torch.float32), weight.matmul_rows, vocab, hidden, candidates)
 
     @property

@@ -75,8 +75,7 @@ class QuantWeight:
         m, acts = self._matrices[0], self.activations[0]
         if isinstance(m, kernels.CPUPacked):
             return m.matmul_rows(x, ids, acts)
-        rows = self.take_rows(ids.reshape(-1), torch.float64).view(*ids.shape, -1)     # dequantize_matmul's
-        return torch.einsum("mch,mh->mc", rows, x.double()).float()
+        return kernels.rows_dot(self.take_rows(ids.reshape(-1), torch.float64).view(*ids.shape, -1), x)
 
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W (an embedding lookup), dequantized to `dtype`."""

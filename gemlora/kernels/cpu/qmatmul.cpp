@@ -491,11 +491,13 @@ torch::Tensor qmatmul_rows(const torch::Tensor& x_in, const torch::Tensor& ids_i
   const auto qa = quantize(x, passes, best_isa());
   std::vector<double> xq(M * k, 0.0);
   const float* d = qa[1].data_ptr<float>();
+  const int8_t* q8 = passes ? qa[0].data_ptr<int8_t>() : nullptr;
+  const int16_t* q16 = passes ? nullptr : qa[0].data_ptr<int16_t>();
   for (int64_t p = 0; p < std::max<int64_t>(passes, 1); ++p)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < k; ++i) {
         const int64_t at = (p * M + m) * k + i;
-        const double q = passes ? qa[0].data_ptr<int8_t>()[at] : qa[0].data_ptr<int16_t>()[at];
+        const double q = q8 ? q8[at] : q16[at];
         xq[m * k + i] += q * static_cast<double>(d[(p * M + m) * kb + i / kBlock]);
       }
   torch::Tensor y = torch::empty({M, C}, x.options());
