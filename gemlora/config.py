@@ -34,6 +34,9 @@ class EngineConfig:
     adapter_aging_steps: int = 32         # steps a request waits for an adapter slot before others are held back
     stall_timeout_s: float = 300.0        # a step running longer than this makes the engine unhealthy
     screen_lm_head: bool = True           # greedy / small top-k steps read a 4-bit screen of the LM head (CPU)
+    num_speculative_tokens: int = 8       # prompt-lookup draft tokens per request and step at most; 0: off
+    prompt_lookup_min: int = 2            # shortest suffix n-gram looked up in the request's own tokens
+    prompt_lookup_max: int = 4            # longest (the longest that matches wins)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -50,6 +53,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.num_speculative_tokens < 0 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("num_speculative_tokens must be >= 0, and 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         if self.max_cpu_loras < 1 or (self.max_model_len is not None and self.max_model_len < 1):

@@ -18,6 +18,7 @@ from gemlora.sampling import InvalidRequestError, SamplingParams, check_lora_sca
 
 if TYPE_CHECKING:
     from gemlora.engine.sampler import TokenLogprobs
+    from gemlora.engine.speculation import DraftState
     from gemlora.engine.token_masks import TokenConstraint
     from gemlora.lora.adapter import LoRAAdapter
 
@@ -64,6 +65,7 @@ class Request:
             raise ValueError("adapter_id and adapter go together")
         self.adapter_id, self.adapter, self.lora_scale = adapter_id, adapter, check_lora_scale(lora_scale)
         self.blocked_since: int | None = None   # scheduler step since which it waits for an adapter slot
+        self.draft_state: DraftState | None = None   # its speculative decoding, once it drafts
         self.arrival_time = time.monotonic()
         # Own generator per request: its samples depend on its seed alone, whatever shares the batch.
         self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None

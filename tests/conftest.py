@@ -86,6 +86,21 @@ def make_tiny_checkpoint(kind: str, path, seed: int = 0, **overrides):
     return model.eval()
 
 
+def save_random_peft(base_dir, out, seed: int, **lora_kw):
+    """A PEFT LoRA (LoraConfig(**lora_kw)) of the checkpoint at base_dir with random N(0, 0.3) A and B
+    (PEFT zero-initialises B, which would make it a no-op), saved to `out`; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**lora_kw))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(out)
+    return pm.eval()
+
+
 @pytest.fixture(scope="session", params=["gemma", "gemma2", "gemma3"])
 def tiny_checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")

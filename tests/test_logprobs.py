@@ -199,7 +199,17 @@ def test_chat_logprobs_streamed_and_not(server):
         assert c["top_logprobs"][0]["token"] == c["token"]
     frames = _events(server, "/v1/chat/completions", body)
     streamed = [c for f in frames for ch in f["choices"] for c in (ch.get("logprobs") or {}).get("content", [])]
-    assert streamed == content                                        # the same tokens, in chunks
+    # The same tokens, in chunks. Their logprobs agree within float32 rounding, not bit for bit: the server
+    # speculates (gemlora.engine.speculation), the two runs of the request may draft differently (the
+    # drafts follow the measured step times), and this dense float32 model's GEMM sums in an order that
+    # depends on how many rows a step has (tests/test_prefix_cache.py; tests/test_speculation.py shows the
+    # quantized kernels' logprobs bit for bit equal with and without speculation).
+    assert [c["token"] for c in streamed] == [c["token"] for c in content]
+    for s, c in zip(streamed, content):
+        assert [t["token"] for t in s["top_logprobs"]] == [t["token"] for t in c["top_logprobs"]]
+        assert s["logprob"] == pytest.approx(c["logprob"], abs=1e-4)
+        assert [t["logprob"] for t in s["top_logprobs"]] == pytest.approx([t["logprob"] for t in c["top_logprobs"]],
+                                                                          abs=1e-4)
     text = "".join(ch["delta"].get("content", "") for f in frames for ch in f["choices"])
     assert text == choice["message"]["content"]
     plain = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,

@@ -63,7 +63,7 @@ def first_logits(engine: LLMEngine) -> dict[str, torch.Tensor]:
     logits, rows = engine.runner.run(batch)
     sampled = [None] * len(batch.requests)
     for j, r in enumerate(rows):
-        sampled[r] = int(logits[j].argmax())
+        sampled[r] = [int(logits[j].argmax())]
     engine.scheduler.postprocess(batch, sampled)
     return {batch.requests[r].request_id: logits[j] for j, r in enumerate(rows)}
 

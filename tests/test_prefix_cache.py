@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, save_random_peft
 from gemlora.cache.block_manager import BlockManager, block_hash, prefix_root
 from gemlora.cache.kv_cache import block_bytes
 from gemlora.config import EngineConfig
@@ -108,9 +108,12 @@ def tiny(request, tmp_path_factory):
 
 
 def engine_for(model, caching: bool, num_blocks=256, **kw) -> LLMEngine:
+    # Without speculation: these tests compare the logits of every sampled row in order, and a request
+    # that verifies drafts has rows for drafts it then rejects, as many as the measured step times made
+    # it draft. Speculation with prefix caching and preemption is tested in tests/test_speculation.py.
     gb = num_blocks * block_bytes(model.cfg, BS, model.dtype) / 2**30
     return LLMEngine(model, EngineConfig(kv_cache_memory_gb=gb, block_size=BS, enable_prefix_caching=caching,
-                                         **kw), frozenset())
+                                         num_speculative_tokens=0, **kw), frozenset())
 
 
 def recording(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:
@@ -226,23 +229,13 @@ def test_every_turn_of_a_chat_reuses_the_conversation_so_far(tiny):
 def test_adapters_never_share_blocks_and_hit_only_their_own(tmp_path):
     """The same prompt under the base model, two adapters and two scales of one: five separate chains;
     each is reused by a later request of its own kind only, with outputs identical to no caching."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     base = tmp_path / "base"
     make_tiny_checkpoint("gemma3", base)
     model = load_model(base)
     registry = AdapterRegistry(model.cfg)
     refs = {}
     for i in range(2):
-        torch.manual_seed(i)
-        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.3)
-        pm.save_pretrained(tmp_path / f"a{i}")
+        save_random_peft(base, tmp_path / f"a{i}", i, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"])
         refs[i] = registry.register(tmp_path / f"a{i}", name=f"a{i}")
 
     def kw(which, scale=1.0):
@@ -362,9 +355,10 @@ def test_the_embedded_model_reuses_a_preamble_and_a_conversation_with_identical_
     results = {}
     for caching in (True, False):
         # The exact LM head: this compares every logit, and the screened head (on by default for this
-        # model's 8-bit head) is exact only at each row's top 64 (tests/test_screened_head.py).
+        # model's 8-bit head) is exact only at each row's top 64 (tests/test_screened_head.py); no
+        # speculation, as in engine_for.
         engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=0.1, enable_prefix_caching=caching,
-                                               screen_lm_head=False), frozenset())
+                                               screen_lm_head=False, num_speculative_tokens=0), frozenset())
         results[caching] = play(engine, waves)
         turns, conversation = [], list(preamble)       # a chat: each turn resends everything so far
         for turn, q in enumerate(questions[:3]):

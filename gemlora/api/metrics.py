@@ -104,7 +104,11 @@ class _EngineCollector:
                                  ("gemlora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   stats.prefix_cache_queries),
                                  ("gemlora_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  stats.prefix_cache_hits)):
+                                  stats.prefix_cache_hits),
+                                 ("gemlora_spec_decode_draft_tokens", "Draft tokens verified (prompt-lookup "
+                                  "speculative decoding)", stats.spec_draft_tokens),
+                                 ("gemlora_spec_decode_accepted_tokens", "Draft tokens verified and kept",
+                                  stats.spec_accepted_tokens)):
             yield CounterMetricFamily(name, doc, value=value)
         per_replica = getattr(self.engine, "replica_numbers", None)     # engine replicas (gemlora.cluster)
         if per_replica is not None:

@@ -1,6 +1,7 @@
 """LLMEngine: the synchronous core. Token ids and SamplingParams in, RequestOutputs out.
 
-`step()` is the whole loop: schedule, run the model, sample, postprocess. A step that raises (an
+`step()` is the whole loop: schedule, run the model, sample, keep the verified drafts (speculative
+decoding, gemlora.engine.speculation), postprocess. A step that raises (an
 out-of-memory error, a bad adapter copy, a bug) ends only the requests of that step's batch with an
 error; waiting requests and the engine itself carry on. The engine knows nothing of text, chat
 templates or HTTP; AsyncEngine wraps it for concurrent callers.
@@ -9,6 +10,7 @@ templates or HTTP; AsyncEngine wraps it for concurrent callers.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,8 +19,9 @@ from gemlora.cache.block_manager import BlockManager
 from gemlora.cache.kv_cache import allocate_kv_cache, blocks_for_budget
 from gemlora.config import EngineConfig
 from gemlora.engine.runner import ModelRunner
-from gemlora.engine.sampler import SamplingRow, TokenLogprobs, sample
+from gemlora.engine.sampler import sample
 from gemlora.engine.scheduler import Scheduler
+from gemlora.engine.speculation import Speculator
 from gemlora.engine.token_masks import TokenConstraint, TokenMasks
 from gemlora.lora.slots import LoRASlots
 from gemlora.model.gemma import GemmaForCausalLM
@@ -46,6 +49,8 @@ class EngineStats:
     kv_blocks_cached: int          # blocks naming a prefix the cache can reuse (in use or free)
     prefix_cache_queries: int      # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int         # ... and found there
+    spec_draft_tokens: int = 0     # draft tokens verified (speculative decoding)
+    spec_accepted_tokens: int = 0  # ... and kept
 
 
 def kv_blocks_and_window(model_cfg, config: EngineConfig, kv_dtype) -> tuple[int, int]:
@@ -71,8 +76,10 @@ class LLMEngine:
         screen = config.screen_lm_head and model.screen_lm_head() is not None
         self.runner = ModelRunner(model, kv, config.block_size, slots, workspace_bytes=config.attention_workspace_bytes,
                                   screen_lm_head=screen)
+        self.speculator = Speculator(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_loras, config.adapter_aging_steps)
+                                   config.max_loras, config.adapter_aging_steps,
+                                   self.speculator if config.num_speculative_tokens else None)
         self.stop_token_ids = stop_token_ids
         self.token_masks = TokenMasks(model.cfg.vocab_size)
         self.failed_steps = 0
@@ -123,7 +130,8 @@ class LLMEngine:
         s, slots = self.scheduler, self.lora_slots
         return EngineStats(len(s.waiting), len(s.running), self.blocks.num_used, self.blocks.num_free,
                            slots.resident if slots else 0, slots.loads if slots else 0, s.num_preemptions,
-                           s.num_steps, self.failed_steps, self.blocks.num_cached, s.prefix_queries, s.prefix_hits)
+                           s.num_steps, self.failed_steps, self.blocks.num_cached, s.prefix_queries, s.prefix_hits,
+                           self.speculator.draft_tokens, self.speculator.accepted_tokens)
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -132,19 +140,18 @@ class LLMEngine:
         masks = None
         try:
             # the grammars' masks are filled on a worker thread while the model runs
-            masks = self.token_masks.start([r.constraint for i, r in enumerate(batch.requests) if batch.samples(i)])
+            masks = self.token_masks.start([batch.requests[i].constraint for i in batch.sample_rows()])
+            rewind_to = self.speculator.generator_states(batch)
+            started = time.perf_counter()
             logits, rows = self.runner.run(batch)
-            reqs = [batch.requests[i] for i in rows]
-            tokens, logprobs = sample(logits, [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in reqs],
-                            masks.result() if masks else None)
+            tokens, logprobs = sample(logits, self.speculator.sampling_rows(batch, rows),
+                                      masks.result() if masks else None)
+            self.speculator.observe(batch, len(rows), time.perf_counter() - started)
+            kept, kept_logprobs = self.speculator.keep(batch, rows, tokens, logprobs, rewind_to)
         except Exception as exc:   # only this batch fails; waiting requests and the engine go on
             log.exception("engine step failed; ending the %d requests of its batch", len(batch.requests))
             self.failed_steps += 1
             if masks is not None:
                 masks.exception()        # a grammar must not be touched by a late fill once its request ends
             return self.scheduler.fail(batch.requests, f"engine step failed: {exc!r}")
-        sampled: list[int | None] = [None] * len(batch.requests)
-        sampled_logprobs: list[TokenLogprobs | None] = [None] * len(batch.requests)
-        for i, t, lp in zip(rows, tokens, logprobs):
-            sampled[i], sampled_logprobs[i] = t, lp
-        return self.scheduler.postprocess(batch, sampled, sampled_logprobs)
+        return self.scheduler.postprocess(batch, kept, kept_logprobs)

@@ -18,6 +18,11 @@ and starts computing after them; at least one token is always left to compute, s
 sampled. As a request's blocks fill with computed K/V they are named in the cache, so later requests
 (and this one, resumed after preemption) find them.
 
+Speculative decoding (gemlora.engine.speculation): with a speculator, running requests that decode
+may also get draft tokens to verify in the same step, as many as it judges worth their rows, and only
+where the KV blocks for them are free without preempting anyone; `postprocess` keeps the K/V of the
+drafts that were accepted and leaves the rest to be overwritten.
+
 `postprocess` absorbs the sampled tokens, and `fail` ends the requests of a step that raised, so all
 request-state changes live here. Knows requests, block ids and adapter ids; nothing of tensors,
 slots or text.
@@ -38,12 +43,14 @@ log = logging.getLogger("gemlora.engine")
 
 if TYPE_CHECKING:
     from gemlora.engine.sampler import TokenLogprobs
+    from gemlora.engine.speculation import Speculator
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)   # per request, this step
+    num_new_tokens: list[int] = field(default_factory=list)   # per request, this step (drafts included)
+    drafts: list[list[int]] = field(default_factory=list)     # per request, draft tokens verified this step
     running_adapters: frozenset[str] = frozenset()            # of every running request, scheduled or not
 
     def __bool__(self) -> bool:
@@ -52,13 +59,19 @@ class ScheduledBatch:
     def samples(self, i: int) -> bool:
         """Does request i reach its last known token this step, so a new one is sampled?"""
         req = self.requests[i]
-        return req.num_computed + self.num_new_tokens[i] == req.num_tokens
+        return req.num_computed + self.num_new_tokens[i] - len(self.drafts[i]) == req.num_tokens
+
+    def sample_rows(self) -> list[int]:
+        """The request index of each row sampled this step, in step order: one per sampling request,
+        and one more per draft token it verifies (its last token's row, then each draft's)."""
+        return [i for i in range(len(self.requests)) if self.samples(i) for _ in range(1 + len(self.drafts[i]))]
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_loras: int = 0, adapter_aging_steps: int = 32):
+                 max_loras: int = 0, adapter_aging_steps: int = 32, speculator: Speculator | None = None):
         self.blocks = blocks
+        self.speculator = speculator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_loras = max_loras
@@ -86,10 +99,15 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
+        drafts = self._drafts(budget)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            draft = drafts.get(req.request_id, [])
+            if draft and not self._reserve_spare(req, req.num_tokens + len(draft)):
+                draft = []             # drafts never take blocks another request may need
+            n = min(req.num_tokens - req.num_computed + len(draft), budget)
+            draft = draft[:max(n - 1, 0)]
             while not self._reserve(req, req.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -99,6 +117,7 @@ class Scheduler:
             else:
                 batch.requests.append(req)
                 batch.num_new_tokens.append(n)
+                batch.drafts.append(draft)
                 budget -= n
                 i += 1
                 continue
@@ -127,27 +146,38 @@ class Scheduler:
                 self.adapter_users[req.adapter_id] += 1
             batch.requests.append(req)
             batch.num_new_tokens.append(n)
+            batch.drafts.append([])
             budget -= n
         self.waiting.extendleft(reversed(passed_over))
         batch.running_adapters = frozenset(self.adapter_users)
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None],
-                    logprobs: list[TokenLogprobs | None] | None = None) -> list[RequestOutput]:
-        """sampled[i]: the token sampled for batch.requests[i], or None if it is still prefilling;
-        logprobs[i]: its log-probabilities, where the request asked for them."""
+    def postprocess(self, batch: ScheduledBatch, sampled: list[list[int] | None],
+                    logprobs: list[list[TokenLogprobs | None] | None] | None = None) -> list[RequestOutput]:
+        """sampled[i]: the tokens batch.requests[i] keeps this step (its accepted drafts, then the token
+        sampled after them), or None if it is still prefilling; logprobs[i]: theirs, where asked for."""
         outputs = []
-        for req, n, token, lp in zip(batch.requests, batch.num_new_tokens, sampled,
-                                     logprobs or [None] * len(sampled)):
+        for req, n, draft, tokens, lps in zip(batch.requests, batch.num_new_tokens, batch.drafts, sampled,
+                                              logprobs or [None] * len(sampled)):
             try:      # a grammar or the block cache raising ends this request alone, not the batch or the queue
-                req.num_computed += n
-                self._name_computed_blocks(req)
-                if token is None:
+                if tokens is None:
+                    req.num_computed += n
+                    self._name_computed_blocks(req)
                     continue
-                reason = req.append(token)
-                if req.output_ids[-1] != token:       # steered to stay within its budget: forced, not drawn
-                    token = req.output_ids[-1]
-                    lp = None if lp is None else replace(lp, token=token, logprob=0.0)
+                # the K/V of the drafts after the first rejected one is left to be overwritten
+                computed = req.num_computed + n - (len(draft) - (len(tokens) - 1))
+                new, new_lps, reason = [], [], None
+                for token, lp in zip(tokens, lps or [None] * len(tokens)):
+                    reason = req.append(token)
+                    if req.output_ids[-1] != token:       # steered to stay within its budget: forced, not drawn
+                        token = req.output_ids[-1]
+                        lp = None if lp is None else replace(lp, token=token, logprob=0.0)
+                    new.append(token)
+                    new_lps.append(lp)
+                    if reason is not None:
+                        break
+                req.num_computed = min(computed, req.num_tokens)    # a stop among the drafts ends it early
+                self._name_computed_blocks(req)
                 grammar_error = req.constraint.error if req.constraint is not None else None
                 if grammar_error:     # the caller's schema cannot be followed further: its fault, said so
                     self._finish(req, FinishReason.ERROR)
@@ -158,8 +188,8 @@ class Scheduler:
                     continue
                 if reason is not None:
                     self._finish(req, reason)
-                out = self._output(req, [token])
-                out.logprobs = None if lp is None else [lp]
+                out = self._output(req, new)
+                out.logprobs = None if all(lp is None for lp in new_lps) else new_lps
                 outputs.append(out)
             except Exception as exc:
                 log.exception("request %s failed after its step; ending it alone", req.request_id)
@@ -196,6 +226,24 @@ class Scheduler:
 
     def _adapter_fits(self, req: Request) -> bool:
         return req.adapter_id in self.adapter_users or len(self.adapter_users) < self.max_loras
+
+    def _drafts(self, budget: int) -> dict[str, list[int]]:
+        """The speculator's drafts for this step's decoding requests (none while requests wait: their
+        prefill comes first), within the token budget left after one token per running request."""
+        if self.speculator is None or self.waiting:
+            return {}
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
+        eligible = [r for r in decoding if r.constraint is None]
+        if not eligible or len(decoding) < len(self.running):
+            return {}
+        return self.speculator.drafts(eligible, len(decoding), budget - len(self.running))
+
+    def _reserve_spare(self, req: Request, num_tokens: int) -> bool:
+        """Reserve blocks for num_tokens only if it leaves a free block for every running request."""
+        need = self.blocks.blocks_for(num_tokens) - len(req.block_table)
+        if need > 0 and not self.blocks.can_allocate(need + len(self.running)):
+            return False
+        return self._reserve(req, num_tokens)
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         need = self.blocks.blocks_for(num_tokens) - len(req.block_table)
