@@ -16,7 +16,7 @@ from gemlora.engine.prompt_lookup import PromptLookup
 from gemlora.engine.speculation import PRIOR, StepCost, Speculator, kept_tokens
 from gemlora.lora.registry import AdapterRegistry
 from gemlora.model.loader import load_model
-from gemlora.request import Request
+from gemlora.request import FinishReason, Request
 from gemlora.sampling import SamplingParams
 
 # ---------------------------------------------------------------- the n-gram index
@@ -277,3 +277,34 @@ def test_the_embedded_model_copies_an_edit_with_drafts(real_model, converted):
     assert got == want
     stats = on.stats()
     assert stats.spec_accepted_tokens >= 24 and stats.steps < off.stats().steps / 2
+
+
+@pytest.mark.slow
+async def test_a_stop_string_inside_a_kept_draft_ends_the_output_and_its_count_there(real_model, converted):
+    """Drafts copy the record past the stop string in one step; the output and its token count end at
+    the token that completed it, as without speculation."""
+    from gemlora.engine.async_engine import AsyncEngine
+    from gemlora.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(converted)
+    ids = tok.encode('Here is a record:\n{"id": 4411, "name": "Stainless steel kettle", "price": 34.5, "currency": '
+                     '"EUR", "stock": 120, "tags": ["kitchen", "steel"]}\nThe same record again:\n')
+    runs = {}
+    for spec in (0, 8):
+        engine = AsyncEngine(LLMEngine(real_model, EngineConfig(kv_cache_memory_gb=0.25, num_speculative_tokens=spec),
+                                       tok.stop_token_ids), tok)
+        engine.start()
+        try:
+            chunks = [c async for c in engine.generate(ids, SamplingParams(max_tokens=64, temperature=0,
+                                                                            stop=('"stock"',)))]
+        finally:
+            engine.shutdown()
+        runs[spec] = chunks, engine.engine.stats()
+    (off, _), (on, stats) = runs[0], runs[8]
+    assert stats.spec_accepted_tokens > 0 and max(len(c.token_ids) for c in on) > 1
+    for chunks in (off, on):
+        assert chunks[-1].finish_reason is FinishReason.STOP
+        assert chunks[-1].completion_tokens == sum(len(c.token_ids) for c in chunks)
+    text = "".join(c.text for c in off)
+    assert "".join(c.text for c in on) == text and '"currency": "EUR"' in text and '"stock"' not in text
+    assert [t for c in on for t in c.token_ids] == [t for c in off for t in c.token_ids]

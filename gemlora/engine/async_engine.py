@@ -232,18 +232,26 @@ class AsyncEngine:
                     raise out.refusal
                 if out.error is not None:
                     raise (EngineDeadError if self._dead else EngineError)(out.error)
-                text = "".join(detok.push(t) for t in out.new_token_ids if not detok.stopped)
+                pieces = []
+                for t in out.new_token_ids:
+                    if detok.stopped:
+                        break
+                    pieces.append(detok.push(t))
+                text = "".join(pieces)
+                # a stop string ends the output at the token that completed it: a step that produced more
+                # (speculative decoding keeps several tokens a step) neither returns nor counts the rest
+                token_ids, logprobs = out.new_token_ids[:len(pieces)], out.logprobs and out.logprobs[:len(pieces)]
+                num_output = out.num_output_tokens - (len(out.new_token_ids) - len(token_ids))
                 finished, reason = out.finished, out.finish_reason
                 if detok.stopped and not finished:
                     self.abort(request_id)          # a stop string ended it: free its blocks now
                     finished, reason = True, FinishReason.STOP
                 if finished and not detok.stopped:
                     text += detok.flush()
-                logprobs = out.logprobs
                 if logprobs and finished and logprobs[-1].token in stop_ids:
                     logprobs = logprobs[:-1]          # the stop token is not part of the output's text
-                yield GenerationChunk(text, out.new_token_ids, finished, reason, out.num_prompt_tokens,
-                                      out.num_output_tokens, out.num_cached_tokens, logprobs)
+                yield GenerationChunk(text, token_ids, finished, reason, out.num_prompt_tokens,
+                                      num_output, out.num_cached_tokens, logprobs)
         finally:
             self._streams.pop(request_id, None)
             if not finished:
