@@ -13,7 +13,7 @@ from gemlora.cache.kv_cache import block_bytes
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
 from gemlora.engine.prompt_lookup import PromptLookup
-from gemlora.engine.speculation import PRIOR, StepCost, Speculator, kept_tokens
+from gemlora.engine.speculation import PRIOR, STRETCH, StepCost, Speculator, kept_tokens
 from gemlora.lora.registry import AdapterRegistry
 from gemlora.model.loader import load_model
 from gemlora.request import FinishReason, Request
@@ -112,6 +112,22 @@ def test_drafts_grow_with_the_acceptance_rate_and_stop_at_the_request_end():
     alpha = bad.draft_state.alpha
     spec.drafts([bad], rows=1, budget=100)
     assert alpha < bad.draft_state.alpha < PRIOR                      # it drifts back to try again
+
+
+def test_drafts_stretch_a_shared_step_by_a_bounded_factor():
+    """With other requests in the step, drafts may lengthen it by STRETCH at most (predicted: 1 + r rows)."""
+    copy = list(range(10, 40))
+    spec = Speculator(max_draft=8)
+    spec.cost.ratio = lambda: 0.1
+    reqs = [decoding_request(f"r{i}", [1] + copy + [2] + copy[:5]) for i in range(2)]
+    spec.drafts(reqs, rows=2, budget=100)
+    for req in reqs:
+        for _ in range(10):
+            spec.record(req, 4, 4)             # drafts kept every time: only the bound holds them back
+    drafts = spec.drafts(reqs, rows=2, budget=100)
+    added = sum(map(len, drafts.values()))
+    assert (1 + 0.1 * (2 + added)) <= STRETCH * (1 + 0.1 * 2) < (1 + 0.1 * (2 + added + 1))
+    assert len(spec.drafts(reqs[:1], rows=1, budget=100)["r0"]) == 8       # alone, it holds back no one
 
 
 def test_a_large_batch_drafts_nothing():

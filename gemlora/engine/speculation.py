@@ -20,7 +20,9 @@ tokens are handed out one at a time, each to the request whose next one is likel
 (alpha^j for its j-th), while its expected gain beats the step's expected tokens per unit of time:
 alpha^j > tokens * r / (1 + r * rows). At batch 1 a request that keeps its drafts gets long ones,
 one that does not gets none; as the batch grows the bar rises until no draft pays, so speculation
-switches itself off for large batches. Knows requests, scheduled batches, token ids and step
+switches itself off for large batches. Every request in a step waits for its drafts, so that one
+request's drafts cannot slow the others' tokens much, a step that decodes more than one request
+takes drafts only while its predicted time stays within STRETCH of the step without them. Knows requests, scheduled batches, token ids and step
 timings; nothing of tensors but the generators it rewinds.
 """
 
@@ -44,6 +46,7 @@ PRIOR = 0.6        # a request's acceptance rate before it has drafted
 STEP = 0.25        # weight of each verified draft token in the running acceptance rate
 DRIFT = 0.02       # per step without a draft, back toward PRIOR
 DECAY = 0.98       # weight of older step timings in the fit
+STRETCH = 1.5      # with other requests in the step: its time with drafts over its time without, at most
 
 
 @dataclass(slots=True)
@@ -100,8 +103,8 @@ class Speculator:
                 states[req.request_id] = (state, proposal)
                 heapq.heappush(offers, (-state.alpha, 1, req.request_id))
         chosen: dict[str, list[int]] = {}
-        tokens = float(rows)
-        while offers and budget > 0:
+        tokens, limit = float(rows), (STRETCH * (1 + r * rows) - 1) / r if rows > 1 else float("inf")
+        while offers and budget > 0 and rows + 1 <= limit:
             gain, j, rid = heapq.heappop(offers)
             if -gain <= tokens * r / (1 + r * rows):
                 break
