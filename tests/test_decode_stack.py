@@ -81,24 +81,30 @@ def test_the_stack_serves_decode_steps_and_leaves_the_rest_to_the_loop(checkpoin
     type(stack).__call__ = counted
     try:
         gb = 64 * block_bytes(model.cfg, BS, torch.float32) / 2**30
-        engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=gb, block_size=BS), frozenset())
-        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-        for p in ([5, 6, 7], [8, 9, 10, 11, 12]):
-            engine.add_request(p, params)
-        outs = {}
-        while engine.has_work():
-            for o in engine.step():
-                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+        def generate(prompts, max_tokens=5, **kw):
+            engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=gb, block_size=BS, **kw), frozenset())
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            ids = [engine.add_request(p, params) for p in prompts]
+            outs = {i: [] for i in ids}
+            while engine.has_work():
+                for o in engine.step():
+                    outs[o.request_id] += o.new_token_ids
+            return [outs[i] for i in ids]
+
+        prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+        outs = generate(prompts, num_speculative_tokens=0)
+        plain_calls = list(calls)
+        # a prompt that repeats itself, so prompt lookup drafts: its verify steps are decode steps too
+        repeats = [[5, 6, 7, 8] * 4]
+        drafted = generate(repeats, max_tokens=24)
+        spec_calls = calls[len(plain_calls):]
         model.use_decode_stack = False
-        engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=gb, block_size=BS), frozenset())
-        want = {}
-        for p in ([5, 6, 7], [8, 9, 10, 11, 12]):
-            engine.add_request(p, params)
-        while engine.has_work():
-            for o in engine.step():
-                want.setdefault(o.request_id, []).extend(o.new_token_ids)
+        want = generate(prompts, num_speculative_tokens=0)
+        want_drafted = generate(repeats, max_tokens=24, num_speculative_tokens=0)
     finally:
         type(stack).__call__ = original
         model.use_decode_stack = True
-    assert calls == [2, 2, 2, 2]                 # the prefill step took the loop; the four decode steps the stack
-    assert sorted(outs.values()) == sorted(want.values())
+    assert plain_calls == [2, 2, 2, 2]           # the prefill step took the loop; the four decode steps the stack
+    assert outs == want
+    assert max(spec_calls) > 1 and drafted == want_drafted       # verify rows: one request, several rows
