@@ -159,12 +159,12 @@ def test_stop_is_honoured_and_output_changing_fields_are_refused_on_ai_run(serve
                          ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
                          ("functions", [{"name": "f", "code": "x"}]),
                          ("stop", [""]), ("stop", 5)):
-        r = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", field: value})
+        r = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", field: value}, timeout=60)  # busy CI
         assert r.status_code == 400, (field, r.text)
         err = r.json()["errors"][0]
         assert err["code"] == 5006 and f"'/{field}'" in err["message"], err
-    plain = httpx.post(run_url(base), headers=ALICE, json={"prompt": "hi", "max_tokens": 2,
-                                                           "response_format": {"type": "text"}, "tools": []})
+    plain = httpx.post(run_url(base), headers=ALICE, timeout=60, json={"prompt": "hi", "max_tokens": 2,
+                                                                       "response_format": {"type": "text"}, "tools": []})
     assert plain.status_code == 200
 
 
