@@ -13,7 +13,7 @@ from gemlora.cache.kv_cache import block_bytes
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
 from gemlora.engine.prompt_lookup import PromptLookup
-from gemlora.engine.speculation import PRIOR, STRETCH, StepCost, Speculator, kept_tokens
+from gemlora.engine.speculation import PRIOR, STRETCH, DraftState, StepCost, Speculator, kept_tokens
 from gemlora.lora.registry import AdapterRegistry
 from gemlora.model.loader import load_model
 from gemlora.request import FinishReason, Request
@@ -102,7 +102,7 @@ def test_drafts_grow_with_the_acceptance_rate_and_stop_at_the_request_end():
     assert len(spec.drafts([good], rows=1, budget=100)["good"]) == 8  # a good record: the longest
     assert len(spec.drafts([good], rows=1, budget=3)["good"]) == 3    # ... within the step's budget
     ending = decoding_request("ending", [1] + copy + [2] + copy[:5], max_tokens=len(copy) + 9)
-    ending.draft_state = good.draft_state.__class__(good.draft_state.lookup.__class__(2, 4), good.draft_state.alpha)
+    ending.draft_state = DraftState(PromptLookup(2, 4), good.draft_state.alpha)     # the same good record
     assert len(spec.drafts([ending], rows=1, budget=100)["ending"]) == 2   # 3 tokens left: 2 drafts + 1
     bad = decoding_request("bad", [1] + copy + [2] + copy[:5])
     spec.drafts([bad], rows=1, budget=100)

@@ -20,10 +20,12 @@ tokens are handed out one at a time, each to the request whose next one is likel
 (alpha^j for its j-th), while its expected gain beats the step's expected tokens per unit of time:
 alpha^j > tokens * r / (1 + r * rows). At batch 1 a request that keeps its drafts gets long ones,
 one that does not gets none; as the batch grows the bar rises until no draft pays, so speculation
-switches itself off for large batches. Every request in a step waits for its drafts, so that one
-request's drafts cannot slow the others' tokens much, a step that decodes more than one request
-takes drafts only while its predicted time stays within STRETCH of the step without them. Knows requests, scheduled batches, token ids and step
-timings; nothing of tensors but the generators it rewinds.
+switches itself off for large batches. Every request in a step waits for that step's drafts: so
+that one request's drafts cannot slow the others' tokens much, a step that decodes more than one
+request takes drafts only while its predicted time stays within STRETCH of its time without them.
+
+Knows requests, scheduled batches, token ids and step timings; nothing of tensors but the
+generators it rewinds.
 """
 
 from __future__ import annotations
