@@ -233,7 +233,12 @@ def test_completions_logprobs_streamed_and_not(server):
     frames = _events(server, "/v1/completions", body)
     streamed = {k: [x for f in frames for ch in f["choices"] if ch["logprobs"] for x in ch["logprobs"][k]]
                 for k in lp}
-    assert streamed == lp
+    # Tokens and offsets bit for bit; logprobs within float32 rounding, for the reason the chat test above
+    # gives (the two runs may draft differently, and this dense model's GEMM sums depend on the step's rows).
+    assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+    assert streamed["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+    for s, c in zip(streamed["top_logprobs"], lp["top_logprobs"]):
+        assert list(s) == list(c) and list(s.values()) == pytest.approx(list(c.values()), abs=1e-4)
 
 
 @pytest.mark.parametrize("path, body, param", [

@@ -128,14 +128,18 @@ def test_zipf_traffic_over_16_adapters_loads_each_about_once(cluster):
 def stream_until_end(cluster: str, i: int, first_event: threading.Event, outcome: dict) -> None:
     """One long stream, in Workers AI's dialect (i = 0, 3: with the next two going to alternate replicas,
     each holds one of each) or OpenAI's: outcome[i] = "done" when it ended normally, else the message of
-    the error event it ended with (then `[DONE]`)."""
+    the error event it ended with (then `[DONE]`).
+
+    Long enough that the first stream still runs when the fourth has been seen running: starting four,
+    each waited for on /metrics (posted every second), takes several seconds on a busy machine, and
+    prompt-lookup speculation drafts a count well (400 tokens ended too soon in a CI run)."""
     if i in (0, 3):
         url, body = f"{cluster}/accounts/acct/ai/run/{MODEL}", {
-            "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "raw": True, "max_tokens": 400, "temperature": 0,
+            "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "raw": True, "max_tokens": 1500, "temperature": 0,
             "stream": True}
     else:
         url, body = f"{cluster}/v1/completions", {
-            "model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "ignore_eos": True,
+            "model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 1500, "ignore_eos": True,
             "temperature": 0, "stream": True}
     events = []
     with httpx.stream("POST", url, headers=AUTH, json=body, timeout=300) as r:
