@@ -10,7 +10,11 @@ Adapters are random PEFT LoRAs (rank 8 on q_proj and v_proj, the Workers AI docs
 `--targets all` patches all seven projections) written to a temporary folder. gemlora's time
 includes fetching each request's adapter from the registry (a disk load when it is not in RAM).
 
-    python bench/lora.py [--new-tokens 32] [--prompt-lens 16 64] [--rank 8] [--targets qv|all] [--skip-peft]
+    python bench/lora.py [--requests 32] [--new-tokens 32] [--prompt-lens 16 64] [--rank 8 [64 ...]]
+                         [--targets qv|all] [--skip-peft]
+
+`--rank 8 64` gives the adapters those ranks in turn (adapter i has rank ranks[i % len(ranks)]): a
+step's adapters then differ in rank, and each is computed at its own.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-lens", type=int, nargs=2, default=[16, 64])
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--rank", type=int, nargs="+", default=[8])
     ap.add_argument("--targets", choices=sorted(MODULES), default="qv")
     ap.add_argument("--registered", type=int, default=1000)
     ap.add_argument("--skip-peft", action="store_true")
@@ -118,17 +122,17 @@ def main() -> None:
     cfg = model.cfg
     n = args.requests
     engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=1.0, max_num_seqs=64, max_loras=32,
-                                           max_lora_rank=max(8, args.rank)), frozenset({1, 106}))
+                                           max_lora_rank=max(8, *args.rank)), frozenset({1, 106}))
     registry = AdapterRegistry(cfg, max_cpu_loras=64)
     tmp = Path(tempfile.mkdtemp(prefix="gemlora-bench-"))
     try:
         t = time.perf_counter()
         names = [f"adapter-{i:04d}" for i in range(max(32, args.registered))]
         for i, name in enumerate(names):
-            write_adapter(tmp / name, cfg, args.rank, MODULES[args.targets], seed=i)
+            write_adapter(tmp / name, cfg, args.rank[i % len(args.rank)], MODULES[args.targets], seed=i)
         for name in names:
             registry.register(tmp / name, name=name)
-        print(f"wrote and registered {len(names)} adapters (rank {args.rank}, {args.targets}) "
+        print(f"wrote and registered {len(names)} adapters (rank {'/'.join(map(str, args.rank))}, {args.targets}) "
               f"in {time.perf_counter() - t:.0f} s")
         prompts = make_prompts(n, cfg.vocab_size, args.prompt_lens, seed=0)
         print(f"workload: {n} concurrent requests, prompts {args.prompt_lens[0]}-{args.prompt_lens[1]} tokens, "

@@ -1,6 +1,7 @@
 """The decode stack (all layers of a decode step in one C++ call) against its reference, the model's
 own layer loop: equal bit for bit, hidden states and the K/V it writes, on Gemma 1, 2 and 3, dense and
-quantized, for 1 to 33 rows; and the steps it must leave to the loop (prefill, LoRA) still take it."""
+quantized, for 1 to 33 rows, with and without adapters (mixed ranks and targets, rows without one);
+and the steps it must leave to the loop (prefill) still take it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_checkpoint
+from gemlora.lora.adapter import LoRAAdapter, LoRAWeights, _dims
+from gemlora.lora.batch import LoRABatch
+from gemlora.lora.slots import LoRASlots
 from gemlora.cache.kv_cache import allocate_kv_cache, block_bytes
 from gemlora.config import EngineConfig
 from gemlora.engine.engine import LLMEngine
-from gemlora.kernels.build import extension
 from gemlora.model.attention import AttentionMetadata
 from gemlora.model.gemma import StepContext
 from gemlora.model.loader import load_model
@@ -30,9 +33,9 @@ def checkpoint(request, tmp_path_factory):
     return path
 
 
-def decode_step(model, lens: list[int], use_stack: bool, seed: int = 0):
+def decode_step(model, lens: list[int], use_stack: bool, seed: int = 0, lora: LoRABatch | None = None):
     """Prefills rows of the given lengths with the layer loop, then runs one decode step for all of them
-    with the stack or the loop. Returns (hidden states, the K/V caches)."""
+    with the stack or the loop (with `lora`, the step's adapters). Returns (hidden states, K/V caches)."""
     g = torch.Generator().manual_seed(seed)
     tables, n = [], 0
     for length in lens:
@@ -49,7 +52,7 @@ def decode_step(model, lens: list[int], use_stack: bool, seed: int = 0):
     model.use_decode_stack = use_stack
     meta = AttentionMetadata.build([1] * len(lens), [length + 1 for length in lens], tables, BS, window,
                                    torch.device("cpu"))
-    hidden = model(torch.tensor([t[-1] for t in ids]), torch.tensor(lens), StepContext(meta, kv))
+    hidden = model(torch.tensor([t[-1] for t in ids]), torch.tensor(lens), StepContext(meta, kv, lora))
     model.use_decode_stack = True
     return hidden, kv
 
@@ -66,6 +69,53 @@ def test_the_stack_equals_the_layer_loop_bit_for_bit(checkpoint, quantization):
         assert torch.equal(got, want), (rows, (got - want).abs().max())
         for (k1, v1), (k2, v2) in zip(kv_got, kv_want):
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def random_adapter(cfg, rank: int, modules: list[str], seed: int) -> LoRAAdapter:
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(cfg.num_layers):
+        for m in modules:
+            in_f, out_f = _dims(cfg, m)
+            weights[layer, m] = LoRAWeights(torch.randn(rank, in_f, generator=g) * 0.3,
+                                            torch.randn(out_f, rank, generator=g) * 0.3)
+    return LoRAAdapter(None, {}, weights, rank, 0)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_the_stack_with_adapters_equals_the_layer_loop_bit_for_bit(checkpoint, quantization):
+    model = load_model(checkpoint, quantization=quantization)
+    slots = LoRASlots(model.lora_targets(), max_loras=4, max_rank=8, dtype=torch.float32, device="cpu")
+    slots.activate({"all-8": random_adapter(model.cfg, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"], 1),
+                    "qv-3": random_adapter(model.cfg, 3, ["q_proj", "v_proj"], 2),
+                    "mlp-5": random_adapter(model.cfg, 5, ["up_proj", "down_proj"], 3)})
+    rng = random.Random(2)
+    for rows in (1, 3, 9):
+        lens = [rng.randint(1, 40) for _ in range(rows)]
+        row_slots = [rng.choice([-1, 0, 1, 2]) for _ in range(rows)]
+        batch = LoRABatch.build(row_slots, [rng.choice([0.5, 1.0, 2.0]) for _ in range(rows)], slots,
+                                torch.device("cpu"))
+        if batch is None:
+            continue
+        assert model.decode_stack().applies(torch.zeros(1, dtype=torch.float32), *_plan(model, lens), batch)
+        want, kv_want = decode_step(model, lens, use_stack=False, lora=batch)
+        got, kv_got = decode_step(model, lens, use_stack=True, lora=batch)
+        plain, _ = decode_step(model, lens, use_stack=True)
+        assert torch.equal(got, want), (rows, (got - want).abs().max())
+        for (k1, v1), (k2, v2) in zip(kv_got, kv_want):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        with_adapter = torch.tensor(row_slots) >= 0
+        assert not torch.equal(got[with_adapter], plain[with_adapter])     # the adapters took effect
+        assert torch.equal(got[~with_adapter], plain[~with_adapter])       # and only on their own rows
+
+
+def _plan(model, lens):
+    """(attention plan, KV caches) of a decode step of rows with these lengths (for `applies`)."""
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(len(lens))]
+    meta = AttentionMetadata.build([1] * len(lens), [n + 1 for n in lens], tables, BS, model.cfg.sliding_window,
+                                   torch.device("cpu"))
+    return meta, allocate_kv_cache(model.cfg, 1, BS, torch.float32, "cpu")
 
 
 def test_the_stack_serves_decode_steps_and_leaves_the_rest_to_the_loop(checkpoint):

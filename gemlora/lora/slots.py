@@ -2,9 +2,12 @@
 which adapter each slot holds. The one owner of slot residency.
 
 For every projection of every layer, one stack per packed module: A as
-`[max_loras, n_parts, max_rank, in]` and B as `[max_loras, out, max_rank]`, where the parts are the
-packed pieces (q|k|v, gate|up): part i's output rows of B pair with part i's rows of A. Smaller
-ranks are zero-padded. Scaling is already folded into B by the adapter loader. Loading into a
+`[max_loras, n_parts, max_rank, in]` and B as `[max_loras, max_rank, out]` (each rank's output row
+contiguous, as the CPU kernel's expand reads it), where the parts are the packed pieces (q|k|v,
+gate|up): part i's output columns of B pair with part i's rows of A. Smaller ranks are zero-padded.
+Scaling is already folded into B by the adapter loader. Which parts each slot patches is kept twice,
+for the two readers: as sets (`filled`, for the torch path's per-step skip) and as a CPU bool tensor
+per module (`patched`, [max_loras, n_parts], for the kernels); `_load` and `_clear` write both. Loading into a
 slot is a copy of a few MB; no allocation in the step.
 
 `activate` is called once per step with the step's adapters: each keeps its slot if it has one,
@@ -34,6 +37,7 @@ class LoRASlots:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
+        self.patched: dict[str, torch.Tensor] = {}
         self.part_offsets: dict[str, tuple[int, ...]] = {}
         for key, (in_features, sizes) in linears.items():
             n = len(sizes)
@@ -41,7 +45,8 @@ class LoRASlots:
             # are ever read, so on the CPU a slot costs memory only once used (untouched pages are not
             # resident): 8 rank-32 slots of a 7B model would otherwise take 3.2 GB up front
             self.A[key] = torch.empty(max_loras, n, max_rank, in_features, dtype=dtype, device=device)
-            self.B[key] = torch.empty(max_loras, sum(sizes), max_rank, dtype=dtype, device=device)
+            self.B[key] = torch.empty(max_loras, max_rank, sum(sizes), dtype=dtype, device=device)
+            self.patched[key] = torch.zeros(max_loras, n, dtype=torch.bool)
             self.part_offsets[key] = tuple(sum(sizes[:i]) for i in range(n + 1))
         self.rank = [0] * max_loras    # rank of the adapter in each slot (0 = empty)
         # per module and part, the slots holding weights there: parts nobody patches are skipped
@@ -100,8 +105,9 @@ class LoRASlots:
                 lo, hi = self.part_offsets[key][part], self.part_offsets[key][part + 1]
                 r = w.A.shape[0]
                 self.A[key][slot, part, :r].copy_(w.A)
-                self.B[key][slot, lo:hi, :r].copy_(w.B)
+                self.B[key][slot, :r, lo:hi].copy_(w.B.T)
                 self.filled[key][part].add(slot)
+                self.patched[key][slot, part] = True
         except BaseException:
             self._clear(slot)
             raise
@@ -115,6 +121,7 @@ class LoRASlots:
         for key in self.A:
             self.A[key][slot].zero_()
             self.B[key][slot].zero_()
+            self.patched[key][slot] = False
             for part in self.filled[key]:
                 part.discard(slot)
 

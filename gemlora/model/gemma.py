@@ -90,6 +90,10 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def projections(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """qkv, o, gate_up, down: the order the decode stack takes them in."""
+        return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
+
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.sandwich:  # Gemma 2/3: norm before and after each block
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
@@ -154,7 +158,9 @@ class GemmaForCausalLM(nn.Module):
         x = x * normalizer
         stack = self.decode_stack() if self.use_decode_stack else None
         if stack is not None and stack.applies(x, ctx.attn, ctx.kv_caches, ctx.lora):
-            x = stack(x, ctx.attn, ctx.kv_caches, ctx.cos_sin)
+            if ctx.lora is not None and not stack.attached(ctx.lora.slots):
+                stack.attach_lora(ctx.lora.slots, [[p.lora_key for p in layer.projections()] for layer in self.layers])
+            x = stack(x, ctx.attn, ctx.kv_caches, ctx.cos_sin, ctx.lora)
         else:
             for layer in self.layers:
                 x = layer(x, ctx)
@@ -179,8 +185,8 @@ class GemmaForCausalLM(nn.Module):
 
         cfg, layers = self.cfg, []
         for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = [parts(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            attn = layer.self_attn
+            projections = [parts(p) for p in layer.projections()]
             if any(p is None for p in projections):
                 return None
             norms = [layer.input_layernorm, layer.post_attention_layernorm]

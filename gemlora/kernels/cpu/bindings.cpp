@@ -14,6 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query per row over a paged KV cache", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("blocks"), pybind11::arg("mask"),
         pybind11::arg("scale"), pybind11::arg("softcap"), pybind11::arg("isa") = "auto", release());
+  m.def("lora_delta_", &lora_delta_, "a step's LoRA deltas added in place, segmented by adapter", pybind11::arg("y"),
+        pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("row_slot"),
+        pybind11::arg("row_scale"), pybind11::arg("slot_rank"), pybind11::arg("patched"),
+        pybind11::arg("part_offsets"), pybind11::arg("isa") = "auto", release());
   m.def("norm_rope", &norm_rope, "rotary embedding after an optional per-head RMSNorm", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows", release());
   m.def("apply_token_bitmask", &apply_token_bitmask, "a grammar's token bitmask applied to logits rows in place",

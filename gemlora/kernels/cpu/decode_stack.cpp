@@ -5,16 +5,19 @@
 // What it replaces: per layer and token, ~25 Python-level calls (modules, views, norms, the kernels'
 // wrappers): about a fifth of a batch-1 decode step of the 270M model, whose layers are small.
 //
-// Per layer, for x [B, hidden] float32, one query per row (decodes only, no LoRA in the step):
+// Per layer, for x [B, hidden] float32, one query per row (decodes only):
 //   h = rms(x) ; q|k|v = h W_qkv ; q, k = norm_rope(q), norm_rope(k) ; K/V written at the rows' slots
 //   a = decode_attention(q) W_o
 //   sandwich (Gemma 2/3): x += rms(a) ; h = rms(x)      else (Gemma 1): x += a ; h = rms(x)
 //   g|u = h W_gate_up ; m = (gelu_tanh(g) * u) W_down ; x += sandwich ? rms(m) : m
+// With adapters in the step, every projection's output then takes its LoRA delta from lora_delta_
+// (lora.cpp), the call the Python layers make, on the adapter slots' tensors (attached once).
 
 #include "kernels.h"
 
 #include <torch/extension.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -42,8 +45,26 @@ torch::Tensor project(const std::vector<Matrix>& parts, const torch::Tensor& x) 
   return at::cat(outs, -1);
 }
 
+// One projection's adapter slots (gemlora.lora.slots.LoRASlots): A, B, which parts each slot patches.
+struct LoraSlots {
+  torch::Tensor A, B, patched;
+  std::vector<int64_t> offsets;
+};
+
+// The step's adapter layout (gemlora.lora.batch.LoRABatch): each row's slot and scale, each slot's rank.
+struct StepLora {
+  const torch::Tensor &row_slot, &row_scale, &slot_rank;
+};
+
+torch::Tensor with_lora(torch::Tensor y, const torch::Tensor& x, const LoraSlots& l, const StepLora* step) {
+  if (step != nullptr)
+    lora_delta_(y, x, l.A, l.B, step->row_slot, step->row_scale, step->slot_rank, l.patched, l.offsets);
+  return y;
+}
+
 struct Layer {
   std::vector<Matrix> qkv, o, gate_up, down;
+  LoraSlots qkv_lora, o_lora, gate_up_lora, down_lora;   // set by attach_lora
   torch::Tensor input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm;   // 1 + w
   c10::optional<torch::Tensor> q_norm, k_norm;
   bool sliding = false;
@@ -79,14 +100,35 @@ class DecodeStack {
     layers_.push_back(std::move(l));
   }
 
+  // Layer i's adapter slots, per projection (qkv, o, gate_up, down): A, B, patched and part offsets.
+  void attach_lora(int64_t i, const std::vector<torch::Tensor>& A, const std::vector<torch::Tensor>& B,
+                   const std::vector<torch::Tensor>& patched, const std::vector<std::vector<int64_t>>& offsets) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(layers_.size()), "no layer ", i);
+    TORCH_CHECK(A.size() == 4 && B.size() == 4 && patched.size() == 4 && offsets.size() == 4,
+                "one entry per projection: qkv, o, gate_up, down");
+    Layer& l = layers_[i];
+    LoraSlots* targets[4] = {&l.qkv_lora, &l.o_lora, &l.gate_up_lora, &l.down_lora};
+    for (int j = 0; j < 4; ++j) *targets[j] = LoraSlots{A[j], B[j], patched[j], offsets[j]};
+    lora_attached_ = true;
+  }
+
   // x [B, hidden]; kv: K0, V0, K1, V1, ... ; slots [B]; per plan (global, sliding) each row's blocks
-  // [B * n] and mask [B, n * block]; cos/sin per plan [B, 1, D]. Returns the last layer's output.
+  // [B * n] and mask [B, n * block]; cos/sin per plan [B, 1, D]; with adapters in the step, each row's
+  // slot (-1: none) and scale, and each slot's rank. Returns the last layer's output.
   torch::Tensor forward(torch::Tensor x, const std::vector<torch::Tensor>& kv, const torch::Tensor& slots,
                         const torch::Tensor& global_blocks, const torch::Tensor& global_mask,
                         const torch::Tensor& sliding_blocks, const torch::Tensor& sliding_mask,
                         const torch::Tensor& global_cos, const torch::Tensor& global_sin,
-                        const torch::Tensor& sliding_cos, const torch::Tensor& sliding_sin) const {
+                        const torch::Tensor& sliding_cos, const torch::Tensor& sliding_sin,
+                        const c10::optional<torch::Tensor>& row_slot, const c10::optional<torch::Tensor>& row_scale,
+                        const c10::optional<torch::Tensor>& slot_rank) const {
     TORCH_CHECK(kv.size() == 2 * layers_.size(), "one K and one V cache per layer");
+    TORCH_CHECK(row_slot.has_value() == row_scale.has_value() && row_slot.has_value() == slot_rank.has_value(),
+                "row_slot, row_scale and slot_rank come together");
+    TORCH_CHECK(!row_slot.has_value() || lora_attached_, "a step with adapters needs attach_lora first");
+    std::unique_ptr<StepLora> lora_holder;
+    if (row_slot.has_value()) lora_holder.reset(new StepLora{*row_slot, *row_scale, *slot_rank});
+    const StepLora* lora = lora_holder.get();
     TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat, "x must be float32 [B, hidden]");
     const int64_t B = x.size(0), q_size = H_ * D_, kv_size = KVH_ * D_;
     const c10::optional<torch::Tensor> none;
@@ -94,7 +136,8 @@ class DecodeStack {
       const Layer& l = layers_[i];
       const torch::Tensor& kc = kv[2 * i];
       const torch::Tensor& vc = kv[2 * i + 1];
-      const torch::Tensor qkv = project(l.qkv, rms_norm(x, l.input_norm, eps_));
+      const torch::Tensor hin = rms_norm(x, l.input_norm, eps_);
+      const torch::Tensor qkv = with_lora(project(l.qkv, hin), hin, l.qkv_lora, lora);
       const torch::Tensor q = qkv.narrow(1, 0, q_size).view({B, H_, D_});
       const torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, KVH_, D_});
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, KVH_, D_});
@@ -107,7 +150,7 @@ class DecodeStack {
       const torch::Tensor attn = decode_attention(qr, kc, vc, l.sliding ? sliding_blocks : global_blocks,
                                                   (l.sliding ? sliding_mask : global_mask).view({B, -1}), scale_,
                                                   softcap_, "auto");
-      const torch::Tensor a = project(l.o, attn);
+      const torch::Tensor a = with_lora(project(l.o, attn), attn, l.o_lora, lora);
       torch::Tensor h;
       if (sandwich_) {
         x = x + rms_norm(a, l.post_attention_norm, eps_);
@@ -116,8 +159,9 @@ class DecodeStack {
         x = x + a;
         h = rms_norm(x, l.post_attention_norm, eps_);
       }
-      const std::vector<torch::Tensor> gu = project(l.gate_up, h).chunk(2, -1);
-      const torch::Tensor m = project(l.down, at::gelu(gu[0], "tanh") * gu[1]);
+      const std::vector<torch::Tensor> gu = with_lora(project(l.gate_up, h), h, l.gate_up_lora, lora).chunk(2, -1);
+      const torch::Tensor act = at::gelu(gu[0], "tanh") * gu[1];
+      const torch::Tensor m = with_lora(project(l.down, act), act, l.down_lora, lora);
       x = sandwich_ ? x + rms_norm(m, l.post_feedforward_norm, eps_) : x + m;
     }
     return x;
@@ -129,6 +173,7 @@ class DecodeStack {
   int64_t H_, KVH_, D_;
   double eps_, scale_, softcap_;
   bool sandwich_;
+  bool lora_attached_ = false;
   std::vector<Layer> layers_;
 };
 
@@ -160,6 +205,7 @@ void bind_decode_stack(pybind11::module& m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, double, bool>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("attach_lora", &DecodeStack::attach_lora)
       .def("forward", &DecodeStack::forward, release())
       .def_property_readonly("num_layers", &DecodeStack::num_layers);
 }

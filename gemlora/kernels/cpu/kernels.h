@@ -23,6 +23,13 @@ std::string cpu_isa();
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, const std::string& activations,
                                                 const std::string& isa = "auto");
 
+// lora.cpp: y[t] += the LoRA delta of row t's adapter slot (row_slot[t] < 0: none), segmented by slot,
+// each at its own rank; A [slots, parts, max_rank, in], B [slots, max_rank, out] (in place)
+void lora_delta_(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B,
+                 const torch::Tensor& row_slot, const torch::Tensor& row_scale, const torch::Tensor& slot_rank,
+                 const torch::Tensor& patched, const std::vector<int64_t>& part_offsets,
+                 const std::string& isa = "auto");
+
 // rmsnorm.cpp: y = x / sqrt(mean(x^2) + eps) * scale, float32 rows
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps);
 
