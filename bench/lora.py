@@ -13,7 +13,8 @@ includes fetching each request's adapter from the registry (a disk load when it 
     python bench/lora.py [--requests 32] [--new-tokens 32] [--prompt-lens 16 64] [--rank 8 [64 ...]]
                          [--targets qv|all] [--skip-peft]
 
-`--rank 8 64` gives the adapters those ranks in turn (adapter i has rank ranks[i % len(ranks)]): a
+Weights as `gemlora serve` loads them (`--quantization auto`: the GGUF's own types); `--quantization
+none` runs dense float32 weights. `--rank 8 64` gives the adapters those ranks in turn (adapter i has rank ranks[i % len(ranks)]): a
 step's adapters then differ in rank, and each is computed at its own.
 """
 
@@ -115,15 +116,17 @@ def main() -> None:
     ap.add_argument("--targets", choices=sorted(MODULES), default="qv")
     ap.add_argument("--registered", type=int, default=1000)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--quantization", default="auto", help="load_model's: auto (as served: the GGUF's own types) "
+                    "or none (dense float32)")
     args = ap.parse_args()
 
     model_dir = resolve_model_dir(None)
-    model = load_model(model_dir, torch.float32)
+    model = load_model(model_dir, torch.float32, quantization=args.quantization)
     cfg = model.cfg
     n = args.requests
     engine = LLMEngine(model, EngineConfig(kv_cache_memory_gb=1.0, max_num_seqs=64, max_loras=32,
                                            max_lora_rank=max(8, *args.rank)), frozenset({1, 106}))
-    registry = AdapterRegistry(cfg, max_cpu_loras=64)
+    registry = AdapterRegistry(cfg, max_cpu_loras=64, max_rank=max(32, *args.rank))
     tmp = Path(tempfile.mkdtemp(prefix="gemlora-bench-"))
     try:
         t = time.perf_counter()
@@ -136,7 +139,8 @@ def main() -> None:
               f"in {time.perf_counter() - t:.0f} s")
         prompts = make_prompts(n, cfg.vocab_size, args.prompt_lens, seed=0)
         print(f"workload: {n} concurrent requests, prompts {args.prompt_lens[0]}-{args.prompt_lens[1]} tokens, "
-              f"{args.new_tokens} new tokens each, greedy, float32, {torch.get_num_threads()} threads")
+              f"{args.new_tokens} new tokens each, greedy, float32, weights {args.quantization}, "
+              f"{torch.get_num_threads()} threads")
         run_gemlora(engine, registry, prompts[:2], [None, names[0]], 2)          # warm-up
         spreads = {k: [names[i % k] for i in range(n)] for k in (8, 32)}
         rows = {"none": run_gemlora(engine, registry, prompts, [None] * n, args.new_tokens)}
