@@ -1,15 +1,15 @@
 """gemlora against two llama-servers, llama.cpp's and ik_llama.cpp's, all serving the same GGUF over HTTP,
 side by side in one run.
 
-Each server is started on its own, driven through its OpenAI-compatible `/v1/completions` with the
-same raw prompts (40-160 words unless --prompt-words, fixed seed), greedy, `max_tokens` new tokens each with end-of-sequence
-ignored (all three take `ignore_eos`), streamed, then stopped before the next starts. For 1, 8 and
-32 concurrent requests, without adapters and with 8 distinct adapters (random rank-8 PEFT LoRAs on
-q_proj/v_proj, as the Workers AI docs' example; converted for llama.cpp with its own
-convert_lora_to_gguf.py, loaded with --lora and picked per request), it prints tokens/s, time to first
-token and inter-token latency p50/p90, and per row gemlora's tokens/s over each peer's. The adapters
-row is gemlora against llama.cpp only: ik_llama.cpp's server loads LoRAs but applies them server-wide
-(POST /lora-adapters), with no per-request choice.
+Each server is started on its own, driven through its OpenAI-compatible `/v1/completions` with the same
+raw prompts (40-160 words unless --prompt-words, fixed seed), greedy, `max_tokens` new tokens each with
+end-of-sequence ignored (all three take `ignore_eos`), streamed, then stopped before the next starts.
+For 1, 8 and 32 concurrent requests, without adapters and with 8 (--adapters) distinct adapters (random
+rank-8 PEFT LoRAs on q_proj/v_proj, as the Workers AI docs' example; converted for llama.cpp with its
+own convert_lora_to_gguf.py, loaded with --lora and picked per request), it prints tokens/s, time to
+first token and inter-token latency p50/p90, and per row gemlora's tokens/s over each peer's. The
+adapters row is gemlora against llama.cpp only: ik_llama.cpp's server loads LoRAs but applies them
+server-wide (POST /lora-adapters), with no per-request choice.
 
     python bench/serving.py                               # the embedded google/gemma-3-270m (Q4_K_M)
     python bench/serving.py --peers ik_llama.cpp          # one peer (default: llama.cpp ik_llama.cpp)
@@ -268,8 +268,11 @@ def row(label: str, res: Result) -> str:
             f"{ms(res.itl, 0.5):>8.1f} {ms(res.itl, 0.9):>8.1f}")
 
 
+ADAPTERS = [8]     # distinct adapters in the adapters row (--adapters)
+
+
 def label(concurrency: int, with_lora: bool) -> str:
-    return f"{concurrency} concurrent" + (", 8 adapters" if with_lora else "")
+    return f"{concurrency} concurrent" + (f", {ADAPTERS[0]} adapters" if with_lora else "")
 
 
 def name_col(server: str) -> str:
@@ -319,7 +322,9 @@ def main() -> None:
                     help="words per prompt (about 1.3 tokens each with the default words); e.g. 1400 1500 "
                          "for time to first token on ~1,900-token prompts")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2 x concurrency)")
-    ap.add_argument("--no-adapters", action="store_true", help="skip the 8-adapter run")
+    ap.add_argument("--no-adapters", action="store_true", help="skip the adapters run")
+    ap.add_argument("--adapters", type=int, default=8, help="distinct adapters in the adapters run (32 concurrent); "
+                    "gemlora gets --max-loras of at least as many")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--gemlora-arg", action="append", default=[], help="extra `gemlora serve` argument")
     ap.add_argument("--peer-arg", action="append", default=[], help="extra llama-server argument, for every peer")
@@ -341,7 +346,10 @@ def main() -> None:
     binaries = {peer: PEERS[peer].server() for peer in peers}     # built one after the other, before any run
     tmp = Path(tempfile.mkdtemp(prefix="gemlora-bench-"))
     try:
-        adapters = [] if args.no_adapters else write_adapters(model_dir, tmp / "adapters", 8)
+        ADAPTERS[0] = args.adapters
+        if args.adapters > 8:
+            args.gemlora_arg.append(f"--max-loras={args.adapters}")
+        adapters = [] if args.no_adapters else write_adapters(model_dir, tmp / "adapters", args.adapters)
         lora_ggufs = [] if not any(PEERS[p].lora_per_request for p in peers) else [
             llama_cpp.convert_lora(a, model_dir, tmp / f"{a.name}.gguf") for a in adapters]
         levels = [(c, False) for c in args.concurrency] + ([] if args.no_adapters else [(32, True)])
