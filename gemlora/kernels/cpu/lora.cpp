@@ -53,75 +53,20 @@ void axpy(float* y, float a, const float* x, int64_t n) {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
-namespace avx512 {
-template <int NX, int NA>
-void dot_tile(const float* const* xs, const float* const* as, int64_t n, float* out) {
-  __m512 acc[NX][NA];
-  for (int i = 0; i < NX; ++i)
-    for (int a = 0; a < NA; ++a) acc[i][a] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    __m512 av[NA];
-    for (int a = 0; a < NA; ++a) av[a] = _mm512_loadu_ps(as[a] + k);
-    for (int i = 0; i < NX; ++i) {
-      const __m512 xv = _mm512_loadu_ps(xs[i] + k);
-      for (int a = 0; a < NA; ++a) acc[i][a] = _mm512_fmadd_ps(xv, av[a], acc[i][a]);
-    }
-  }
-  for (int i = 0; i < NX; ++i)
-    for (int a = 0; a < NA; ++a) {
-      float s = _mm512_reduce_add_ps(acc[i][a]);
-      for (int64_t t = k; t < n; ++t) s += xs[i][t] * as[a][t];
-      out[i * NA + a] = s;
-    }
-}
-void axpy(float* y, float a, const float* x, int64_t n) {
-  const __m512 av = _mm512_set1_ps(a);
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16)
-    _mm512_storeu_ps(y + k, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + k), _mm512_loadu_ps(y + k)));
-  for (; k < n; ++k) y[k] += a * x[k];
-}
-}  // namespace avx512
+#define GEMLORA_VEC_NS avx512
+#define GEMLORA_VEC_WIDTH 16
+#include "lora_simd.h"
+#undef GEMLORA_VEC_NS
+#undef GEMLORA_VEC_WIDTH
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-namespace avx2 {
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-template <int NX, int NA>
-void dot_tile(const float* const* xs, const float* const* as, int64_t n, float* out) {
-  __m256 acc[NX][NA];
-  for (int i = 0; i < NX; ++i)
-    for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    __m256 av[NA];
-    for (int a = 0; a < NA; ++a) av[a] = _mm256_loadu_ps(as[a] + k);
-    for (int i = 0; i < NX; ++i) {
-      const __m256 xv = _mm256_loadu_ps(xs[i] + k);
-      for (int a = 0; a < NA; ++a) acc[i][a] = _mm256_fmadd_ps(xv, av[a], acc[i][a]);
-    }
-  }
-  for (int i = 0; i < NX; ++i)
-    for (int a = 0; a < NA; ++a) {
-      float s = hsum(acc[i][a]);
-      for (int64_t t = k; t < n; ++t) s += xs[i][t] * as[a][t];
-      out[i * NA + a] = s;
-    }
-}
-void axpy(float* y, float a, const float* x, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-  for (; k < n; ++k) y[k] += a * x[k];
-}
-}  // namespace avx2
+#define GEMLORA_VEC_NS avx2
+#define GEMLORA_VEC_WIDTH 8
+#include "lora_simd.h"
+#undef GEMLORA_VEC_NS
+#undef GEMLORA_VEC_WIDTH
 #pragma GCC pop_options
 
 struct Loops {
